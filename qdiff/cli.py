@@ -1,0 +1,167 @@
+"""The ``qdiff`` command: parse, call the public API, render. No maths here.
+
+User errors (the QdiffError family) print one line on stderr and exit with status 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from qdiff.errors import QdiffError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        self.exit(2, f"qdiff: error: {message} (see 'qdiff {self.prog.split()[-1]} --help')\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qdiff", description="Layer-wise quantization accuracy debugging for ONNX models.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    c = sub.add_parser(
+        "compare",
+        help="compare a float model and its quantized twin layer by layer",
+        description="Run both models on the same inputs, tap every comparable tensor, match the graphs "
+        "and report per-layer cosine, MSE, SQNR, KL and max error.",
+    )
+    c.add_argument("float_model", metavar="FLOAT", help="the float (reference) .onnx model")
+    c.add_argument("quant_model", metavar="QUANT", help="the quantized or FP16 .onnx model")
+    c.add_argument("--data", metavar="PATH", help=".npz keyed by input name (axis 0 = samples) or a folder of .npz/.npy files")
+    c.add_argument("--samples", type=int, metavar="N", help="use at most N samples (random inputs: default 8)")
+    c.add_argument("--batch-size", type=int, default=1, metavar="B", help="samples per run (dynamic batch axis)")
+    c.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs (default 0)")
+    c.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME:DIMS",
+        help="shape for random inputs with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
+    )  # fmt: skip
+    c.add_argument("--provider", default="CPUExecutionProvider", metavar="EP", help="onnxruntime execution provider (default CPU)")
+    c.add_argument("--top", type=int, metavar="K", help="show only the K worst layers, worst first")
+    c.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
+    c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
+    c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the qdiff command line; returns the exit status."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from qdiff import __version__
+
+        print(f"qdiff {__version__}")
+        return 0
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2), format="qdiff: %(levelname)s: %(message)s", stream=sys.stderr
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "compare":
+            return _compare(args)
+    except QdiffError as exc:
+        print(f"qdiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdiff: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import qdiff
+    from qdiff.errors import UsageError
+    from qdiff.render import compare_renderable
+
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    for opt in ("csv", "json"):
+        _check_writable(getattr(args, opt), f"--{opt}")
+    with _progress("comparing") as progress:
+        result = qdiff.compare(
+            args.float_model,
+            args.quant_model,
+            data=args.data,
+            samples=args.samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            input_shapes=args.input_shape,
+            provider=args.provider,
+            progress=progress,
+        )
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(compare_renderable(result, top=args.top))
+    if args.weights:
+        from rich.table import Table
+
+        table = Table(title="weights (float vs dequantized)", title_justify="left", header_style="bold")
+        for col in ("layer", "role", "granularity", "shape", "cosine", "SQNR dB", "max abs", "worst ch", "worst ch cos"):
+            table.add_column(col)
+        for _, r in result.weights.iterrows():
+            table.add_row(
+                r["layer"], r["role"], r["granularity"], r["shape"], f"{r['cosine']:.6f}", f"{r['sqnr_db']:.2f}",
+                f"{r['max_abs']:.3g}", "" if r["worst_channel"] is None or r["worst_channel"] != r["worst_channel"]
+                else str(int(r["worst_channel"])), "" if r["worst_channel_cosine"] != r["worst_channel_cosine"]
+                or r["worst_channel_cosine"] is None else f"{r['worst_channel_cosine']:.6f}",
+            )  # fmt: skip
+        console.print(table)
+    if args.json:
+        result.to_json(args.json)
+    if args.csv:
+        result.to_csv(args.csv)
+    return 0
+
+
+def _check_writable(path: str | None, option: str) -> None:
+    """Fail before the run, not after it, when an output file cannot be written."""
+    if not path:
+        return
+    from pathlib import Path
+
+    from qdiff.errors import UsageError
+
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: folder '{parent}' does not exist; create it first")
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Any]:
+    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Loading ONNX models and a read-only view of their graphs.
+
+This module imports onnx only, never onnxruntime. It answers the questions the matcher and the
+tapper ask of a graph: who produces a tensor, who consumes it, which tensors are constants and what
+their values are, which element type and shape a tensor has, and the nodes in topological order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qdiff.errors import ModelError
+
+__all__ = ["LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike"]
+
+log = logging.getLogger(__name__)
+
+ModelLike = Union[str, Path, onnx.ModelProto]
+
+#: onnx element types holding real numbers (the ones a quantization error is measured on).
+FLOAT_TYPES = frozenset(
+    {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as qdiff received it.
+
+    Attributes:
+        proto: the ModelProto, external data loaded.
+        label: how messages name it (the file name, or ``"<float ModelProto>"``).
+        path: the file it came from, or None for an in-memory ModelProto.
+        sha256: hash of the serialized model, recorded in a result's meta.
+    """
+
+    proto: onnx.ModelProto
+    label: str
+    path: Path | None
+    sha256: str
+
+
+def load_model(model: ModelLike, *, role: str = "model") -> LoadedModel:
+    """Load a model from a path or take a ModelProto, with a user-facing error on failure.
+
+    Args:
+        model: a path to an .onnx file or a ModelProto (not modified).
+        role: how error messages name the model ("float model", "quantized model").
+
+    Raises:
+        ModelError: the file is missing, unreadable or not an ONNX model.
+    """
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else b""
+        return LoadedModel(proto, f"<{role} ModelProto>", None, hashlib.sha256(data).hexdigest())
+    path = Path(model)
+    if not path.exists():
+        raise ModelError(f"{role} '{path}' does not exist; check the path")
+    if path.is_dir():
+        raise ModelError(f"{role} '{path}' is a directory, not an .onnx file")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(
+            f"{role} '{path}' is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "pass the .onnx file the exporter or quantizer wrote"
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelError(f"{role} '{path}' is not an ONNX model (it holds no graph); pass an .onnx file")
+    return LoadedModel(proto, path.name, path, digest.hexdigest())
+
+
+def with_ir_version(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
+    """Return a copy of ``model`` whose IR version is lowered to ``ir_version`` (a pass: input untouched)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if out.ir_version > ir_version:
+        log.info("lowering IR version %d to %d", out.ir_version, ir_version)
+        out.ir_version = ir_version
+    return out
+
+
+class Graph:
+    """Read-only view of the main graph of a model.
+
+    Attributes:
+        model: the ModelProto (after shape inference where it succeeded).
+        nodes: the graph's nodes in topological order.
+        inputs: names of the real graph inputs (initializers excluded).
+        outputs: names of the graph outputs.
+        producer: tensor name -> index (into ``nodes``) of the node writing it.
+        consumers: tensor name -> indices of the nodes reading it.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = _infer_shapes(model)
+        graph = self.model.graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.inputs: list[str] = [i.name for i in graph.input if i.name not in self.initializers]
+        self.outputs: list[str] = [o.name for o in graph.output]
+        self.nodes: list[onnx.NodeProto] = _topological(list(graph.node), set(self.inputs) | set(self.initializers))
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for idx, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = idx
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(idx)
+        self._types: dict[str, onnx.TypeProto] = {}
+        for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+            if vi.type.HasField("tensor_type"):
+                self._types[vi.name] = vi.type
+        self._const_cache: dict[str, bool] = {}
+        self._value_cache: dict[str, np.ndarray | None] = {}
+
+    # -- structure ------------------------------------------------------------------------
+    def node_label(self, idx: int) -> str:
+        """The node's name, or ``op_type(first output)`` for unnamed nodes."""
+        node = self.nodes[idx]
+        return node.name or f"{node.op_type}({node.output[0] if node.output else idx})"
+
+    def is_constant(self, name: str) -> bool:
+        """True for initializers, Constant outputs and tensors computed from constants only."""
+        if not name:
+            return True
+        cached = self._const_cache.get(name)
+        if cached is not None:
+            return cached
+        if name in self.initializers:
+            result = True
+        elif name in self.producer:
+            node = self.nodes[self.producer[name]]
+            if node.op_type == "Constant":
+                result = True
+            elif node.op_type.startswith("Random"):
+                result = False
+            else:
+                inputs = [i for i in node.input if i]
+                result = bool(inputs) and all(self.is_constant(i) for i in inputs) and not _has_subgraph(node)
+        else:
+            result = False  # a graph input
+        self._const_cache[name] = result
+        return result
+
+    def const_value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node output (None if not such a tensor)."""
+        if name in self._value_cache:
+            return self._value_cache[name]
+        value: np.ndarray | None = None
+        if name in self.initializers:
+            value = numpy_helper.to_array(self.initializers[name])
+        elif name in self.producer:
+            node = self.nodes[self.producer[name]]
+            if node.op_type == "Constant":
+                value = _constant_node_value(node)
+            elif node.op_type in ("Identity",) and node.input:
+                value = self.const_value(node.input[0])
+            elif node.op_type == "Cast" and node.input:
+                src = self.const_value(node.input[0])
+                if src is not None:
+                    to = onnx.helper.get_attribute_value(_attr(node, "to"))
+                    value = src.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        self._value_cache[name] = value
+        return value
+
+    # -- types ----------------------------------------------------------------------------
+    def elem_type(self, name: str) -> int | None:
+        """onnx element type of a tensor, when known."""
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        tp = self._types.get(name)
+        if tp is not None and tp.tensor_type.elem_type:
+            return tp.tensor_type.elem_type
+        if name in self.producer:
+            node = self.nodes[self.producer[name]]
+            if node.op_type == "Constant":
+                value = self.const_value(name)
+                if value is not None:
+                    return onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        return None
+
+    def shape(self, name: str) -> list[int | str | None] | None:
+        """Shape of a tensor (ints, symbolic names or None per axis), when known."""
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        tp = self._types.get(name)
+        if tp is None or not tp.tensor_type.HasField("shape"):
+            return None
+        return [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tp.tensor_type.shape.dim
+        ]
+
+    def is_float(self, name: str) -> bool | None:
+        """Whether a tensor holds real numbers (None when its type is unknown)."""
+        et = self.elem_type(name)
+        return None if et is None else et in FLOAT_TYPES
+
+
+def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
+    for a in node.attribute:
+        if a.name == name:
+            return a
+    return None
+
+
+def attr_value(node: onnx.NodeProto, name: str, default=None):
+    """Value of a node attribute, or ``default``."""
+    a = _attr(node, name)
+    return default if a is None else onnx.helper.get_attribute_value(a)
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() > 2**31 - 1:
+        return model  # onnx's in-memory shape inference is limited to 2 GB protos
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # custom domains can make inference give up; the graph stays usable
+        log.debug("shape inference failed: %s", exc)
+        return model
+
+
+def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Kahn's algorithm, stable with respect to the file order."""
+    produced_by: dict[str, int] = {}
+    for i, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                produced_by[o] = i
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(nodes):
+        d = {produced_by[x] for x in _all_inputs(n) if x in produced_by and produced_by[x] != i}
+        deps.append(d)
+        for j in d:
+            users[j].append(i)
+    ready = deque(i for i, d in enumerate(deps) if not d)
+    order: list[int] = []
+    remaining = [len(d) for d in deps]
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        for u in users[i]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                ready.append(u)
+    if len(order) != len(nodes):  # a cycle or dangling input: keep file order for the rest
+        seen = set(order)
+        order += [i for i in range(len(nodes)) if i not in seen]
+    return [nodes[i] for i in order]
+
+
+def _all_inputs(node: onnx.NodeProto) -> list[str]:
+    """Inputs of a node including outer-scope names its subgraphs read."""
+    names = [x for x in node.input if x]
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            local = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for sub in g.node:
+                local.update(sub.output)
+            for sub in g.node:
+                names.extend(x for x in _all_inputs(sub) if x and x not in local)
+    return names

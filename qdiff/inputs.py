@@ -1,0 +1,397 @@
+"""Model input specs and the sources of input data fed to both models.
+
+Data comes from one of:
+
+* an ``.npz`` file whose keys are the model's input names and whose axis 0 indexes samples
+  (an input of shape ``[1,3,H,W]`` takes an array ``[N,3,H,W]``, fed in slices of the batch size);
+* a folder of ``.npz`` / ``.npy`` files, one sample each, read lazily in file-name order;
+* in the API, a dict of arrays (as an .npz) or any iterable of ``{name: array}`` dicts;
+* nothing: seeded random inputs drawn from the input spec.
+
+Every batch is checked against the spec (names, dtypes, shapes, NaN/Inf) before it is run, and a
+running SHA-256 of the fed data is kept for the result's meta.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import onnx
+
+from qdiff.errors import DataError, ModelMismatchError, UsageError
+from qdiff.graph import Graph
+
+__all__ = ["InputSpec", "input_specs", "check_same_inputs", "parse_input_shapes", "DataSource", "make_source", "DataLike"]
+
+DataLike = Union[str, Path, Mapping[str, np.ndarray], Iterable[Mapping[str, np.ndarray]], None]
+
+Dim = Union[int, str, None]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype and shape (ints; str or None for dynamic axes)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[Dim, ...]
+
+    def shape_text(self) -> str:
+        return "[" + ",".join(str(d) if d is not None else "?" for d in self.shape) + "]"
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) and d > 0 for d in self.shape)
+
+
+def input_specs(graph: Graph) -> list[InputSpec]:
+    """The real inputs of a model (initializers excluded)."""
+    specs = []
+    for name in graph.inputs:
+        et = graph.elem_type(name) or onnx.TensorProto.FLOAT
+        shape = graph.shape(name) or []
+        dims = tuple(d if (isinstance(d, int) and d > 0) else (d if isinstance(d, str) else None) for d in shape)
+        specs.append(InputSpec(name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(et)), dims))
+    return specs
+
+
+def check_same_inputs(float_specs: list[InputSpec], quant_specs: list[InputSpec], float_label: str, quant_label: str) -> None:
+    """Raise ModelMismatchError when the two models do not take the same inputs."""
+    fnames = [s.name for s in float_specs]
+    qnames = [s.name for s in quant_specs]
+    if set(fnames) != set(qnames):
+        raise ModelMismatchError(
+            f"the models take different inputs: {fnames} in {float_label} but {qnames} in {quant_label}; "
+            "compare a quantized model with the float model it was made from"
+        )
+    qby = {s.name: s for s in quant_specs}
+    for f in float_specs:
+        q = qby[f.name]
+        if f.dtype.kind != q.dtype.kind:
+            raise ModelMismatchError(
+                f"input '{f.name}' is {f.dtype} in {float_label} but {q.dtype} in {quant_label}; "
+                "the models must take the same kind of data"
+            )
+        bad = len(f.shape) != len(q.shape) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(f.shape, q.shape)
+        )
+        if bad:
+            raise ModelMismatchError(
+                f"input '{f.name}' has shape {f.shape_text()} in {float_label} but {q.shape_text()} in {quant_label}; "
+                "compare models exported for the same input size"
+            )
+
+
+def parse_input_shapes(items: Iterable[str] | Mapping[str, Iterable[int]] | None) -> dict[str, tuple[int, ...]]:
+    """Parse ``NAME:1x3x224x224`` items (or take a mapping) into ``{name: shape}``."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        return {k: tuple(int(d) for d in v) for k, v in items.items()}
+    out: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = str(item).rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"--input-shape '{item}' is not NAME:DIMS like input:1x3x224x224")
+        out[name] = shape
+    return out
+
+
+class DataSource:
+    """Batches of validated model inputs, read lazily, with a running fingerprint.
+
+    Iterating yields ``{input name: array}`` dicts. After iteration, ``batches`` holds how many
+    were produced and ``fingerprint()`` the SHA-256 of everything fed.
+    """
+
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], description: str, count: int | None):
+        self._batches = batches
+        self.specs = specs
+        self.description = description
+        self.count = count
+        self.batches = 0
+        self._hash = hashlib.sha256()
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for i, batch in enumerate(self._batches):
+            checked = _validate(batch, self.specs, i, self.description)
+            for name in sorted(checked):
+                arr = checked[name]
+                self._hash.update(name.encode())
+                self._hash.update(str(arr.shape).encode())
+                self._hash.update(np.ascontiguousarray(arr).tobytes())
+            self.batches += 1
+            yield checked
+
+    def fingerprint(self) -> str:
+        return self._hash.hexdigest()
+
+
+def make_source(
+    data: DataLike,
+    specs: list[InputSpec],
+    *,
+    samples: int | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> DataSource:
+    """Build the data source for ``compare`` (see the module docstring for the accepted data).
+
+    Raises:
+        DataError: the data does not exist or does not fit the model.
+        UsageError: bad batch size / sample count, or a dynamic dimension without a shape.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if samples is not None and samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {samples}")
+    input_shapes = dict(input_shapes or {})
+    unknown = set(input_shapes) - {s.name for s in specs}
+    if unknown:
+        raise UsageError(
+            f"--input-shape names {sorted(unknown)}, which are not model inputs; the inputs are {[s.name for s in specs]}"
+        )
+    if data is None:
+        return _random_source(specs, samples or 8, batch_size, seed, input_shapes)
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.exists():
+            raise DataError(f"data '{path}' does not exist; pass an .npz file or a folder of .npz/.npy files")
+        if path.is_dir():
+            return _folder_source(path, specs, samples, batch_size)
+        if path.suffix == ".npy" and len(specs) == 1:
+            arrays = {specs[0].name: _load_npy(path)}
+        else:
+            arrays = _load_npz(path)
+        return _array_source(arrays, specs, samples, batch_size, str(path))
+    if isinstance(data, Mapping):
+        return _array_source({k: np.asarray(v) for k, v in data.items()}, specs, samples, batch_size, "data dict")
+    if isinstance(data, Iterable):
+        it: Iterable[dict[str, np.ndarray]] = ({k: np.asarray(v) for k, v in d.items()} for d in data)
+        if samples is not None:
+            it = _take(it, samples)
+        return DataSource(it, specs, "data iterable", samples)
+    raise UsageError(f"data must be a path, a dict of arrays or an iterable of dicts, not {type(data).__name__}")
+
+
+# -- sources ------------------------------------------------------------------------------
+
+
+def _take(it: Iterable[Any], n: int) -> Iterator[Any]:
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise DataError(f"data '{path}' holds one array, not named inputs; save it with np.savez(path, input_name=array)")
+            return {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"data '{path}' is not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"data '{path}' is not a readable .npy file ({type(exc).__name__}: {exc})") from None
+
+
+def _check_names(keys: Iterable[str], specs: list[InputSpec], where: str) -> None:
+    keys = set(keys)
+    names = {s.name for s in specs}
+    if keys != names:
+        missing, extra = sorted(names - keys), sorted(keys - names)
+        parts = []
+        if missing:
+            parts.append(f"lacks model input(s) {missing}")
+        if extra:
+            parts.append(f"has key(s) {extra} that are not model inputs")
+        raise DataError(f"{where} {' and '.join(parts)}; the model's inputs are {sorted(names)}")
+
+
+def _effective_batch(spec: InputSpec, batch_size: int, where: str) -> int:
+    d0 = spec.shape[0] if spec.shape else None
+    if isinstance(d0, int):
+        if batch_size not in (1, d0):
+            raise UsageError(
+                f"input '{spec.name}' has a fixed batch dimension of {d0}; --batch-size {batch_size} cannot be fed "
+                f"(use --batch-size 1)"
+            )
+        return d0
+    return batch_size
+
+
+def _array_source(
+    arrays: dict[str, np.ndarray], specs: list[InputSpec], samples: int | None, batch_size: int, where: str
+) -> DataSource:
+    _check_names(arrays, specs, f"data {where}")
+    plans = {}
+    counts = set()
+    for spec in specs:
+        arr = arrays[spec.name]
+        rank = len(spec.shape)
+        if arr.ndim == rank + 1:  # one sample per index, the model input has no batch axis
+            step, add_axis = 1, False
+            if batch_size != 1:
+                raise UsageError(f"input '{spec.name}' has no batch axis; use --batch-size 1")
+            n = arr.shape[0]
+            plans[spec.name] = (step, True)
+        elif arr.ndim == rank and rank > 0:
+            step = _effective_batch(spec, batch_size, where)
+            n = arr.shape[0] // step
+            add_axis = False
+            plans[spec.name] = (step, add_axis)
+        else:
+            raise DataError(
+                f"data {where}: array '{spec.name}' has shape {list(arr.shape)}, which does not fit model input "
+                f"{spec.shape_text()}; axis 0 must index samples, e.g. [N{''.join(',' + str(d) for d in spec.shape[1:])}]"
+            )
+        counts.add(n)
+    if len(counts) > 1:
+        sizes = {k: arrays[k].shape[0] for k in arrays}
+        raise DataError(f"data {where}: inputs hold different numbers of samples {sizes}; give every input the same count")
+    n = counts.pop() if counts else 0
+    if n == 0:
+        raise DataError(f"data {where} holds no samples")
+    if samples is not None:
+        n = min(n, samples)
+
+    def gen() -> Iterator[dict[str, np.ndarray]]:
+        for i in range(n):
+            batch = {}
+            for name, (step, squeeze) in plans.items():
+                batch[name] = arrays[name][i] if squeeze else arrays[name][i * step : (i + 1) * step]
+            yield batch
+
+    return DataSource(gen(), specs, f"data {where}", n)
+
+
+def _folder_source(path: Path, specs: list[InputSpec], samples: int | None, batch_size: int) -> DataSource:
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+    if not files:
+        raise DataError(f"data folder '{path}' holds no .npz or .npy files; put one sample per file there")
+    if any(p.suffix == ".npy" for p in files) and len(specs) != 1:
+        raise DataError(
+            f"data folder '{path}' holds .npy files but the model has {len(specs)} inputs; use .npz files keyed by input name"
+        )
+    steps = {s.name: _effective_batch(s, batch_size, str(path)) for s in specs}
+    step = max(steps.values()) if steps else 1
+    if samples is not None:
+        files = files[: samples * step]
+    n = len(files) // step
+
+    def read(p: Path) -> dict[str, np.ndarray]:
+        if p.suffix == ".npy":
+            d = {specs[0].name: _load_npy(p)}
+        else:
+            d = _load_npz(p)
+        _check_names(d, specs, f"data file '{p.name}'")
+        out = {}
+        for spec in specs:
+            arr = d[spec.name]
+            if arr.ndim == len(spec.shape) - 1:
+                arr = arr[None]
+            out[spec.name] = arr
+        return out
+
+    def gen() -> Iterator[dict[str, np.ndarray]]:
+        for i in range(n):
+            group = [read(p) for p in files[i * step : (i + 1) * step]]
+            if len(group) == 1:
+                yield group[0]
+            else:
+                yield {s.name: np.concatenate([g[s.name] for g in group], axis=0) for s in specs}
+
+    return DataSource(gen(), specs, f"data folder '{path}'", n)
+
+
+def _random_source(
+    specs: list[InputSpec], samples: int, batch_size: int, seed: int, input_shapes: Mapping[str, tuple[int, ...]]
+) -> DataSource:
+    shapes = {}
+    for spec in specs:
+        if spec.name in input_shapes:
+            shape = input_shapes[spec.name]
+            if len(shape) != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, shape)
+            ):
+                raise UsageError(
+                    f"--input-shape {spec.name}:{'x'.join(map(str, shape))} does not fit the model's input shape "
+                    f"{spec.shape_text()}"
+                )
+        else:
+            dynamic = [(k, d) for k, d in enumerate(spec.shape) if not isinstance(d, int)]
+            if dynamic:
+                k, d = dynamic[0]
+                name = f"'{d}'" if d else "unnamed"
+                if k == 0 and len(dynamic) == 1:
+                    shape = (batch_size,) + tuple(spec.shape[1:])  # a dynamic batch axis takes the batch size
+                else:
+                    example = "x".join(str(x) if isinstance(x, int) else "N" for x in spec.shape)
+                    raise UsageError(
+                        f"input '{spec.name}' has a dynamic dimension {name} (axis {k}) and no data was given; "
+                        f"pass --input-shape {spec.name}:{example} with N replaced, or --data"
+                    )
+            else:
+                shape = tuple(spec.shape)  # type: ignore[arg-type]
+        shapes[spec.name] = tuple(int(d) for d in shape)
+
+    def gen() -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng(seed)
+        for _ in range(samples):
+            batch = {}
+            for spec in specs:
+                shape = shapes[spec.name]
+                if spec.dtype.kind == "f":
+                    batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+                elif spec.dtype.kind == "b":
+                    batch[spec.name] = rng.random(shape) < 0.5
+                else:
+                    batch[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
+            yield batch
+
+    return DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+
+
+def _validate(batch: Mapping[str, np.ndarray], specs: list[InputSpec], index: int, where: str) -> dict[str, np.ndarray]:
+    _check_names(batch.keys(), specs, f"{where} (sample {index})")
+    out = {}
+    for spec in specs:
+        arr = np.asarray(batch[spec.name])
+        if arr.dtype != spec.dtype:
+            if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind") and not (
+                arr.dtype.kind in "iub" and spec.dtype.kind == "f"
+            ):
+                raise DataError(
+                    f"{where}: input '{spec.name}' is {arr.dtype} but the model takes {spec.dtype}; convert the data"
+                )
+            arr = arr.astype(spec.dtype)
+        if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, arr.shape)):
+            raise DataError(
+                f"{where}: sample {index} of input '{spec.name}' has shape {list(arr.shape)} but the model takes "
+                f"{spec.shape_text()}"
+            )
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int(np.size(arr) - np.isfinite(arr).sum())
+            raise DataError(
+                f"{where}: sample {index} of input '{spec.name}' holds {bad} NaN/Inf value(s); clean the data first"
+            )
+        out[spec.name] = arr
+    return out

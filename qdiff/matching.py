@@ -1,0 +1,836 @@
+"""Pair the tensors of a float model with those of its quantized (or FP16) twin.
+
+Imports onnx only. Matching works on the graphs' structure, not on tensor names, because the
+quantizers rename and fuse::
+
+    float graph                         QDQ graph (onnxruntime)             QOperator graph
+    -----------                         ----------------------              ---------------
+    x                                   x -> Q -> DQ                        x -> Q
+    |                                          |                                   |
+    Conv(conv1, W, B) -> c1             Conv(conv1, DQ(W), DQ(B)) -> r1     QLinearConv(conv1_quant) -> c1_quantized
+    |                                          |  (Relu fused away;                |  (Relu fused; name says c1,
+    Relu(relu1) -> r1                          |   Conv writes r1)                 |   values are r1's)
+    |                                   r1 -> Q -> DQ -> r1_DequantizeLinear_Output|
+    MaxPool(pool1) -> p1                MaxPool(pool1) -> p1 -> Q -> DQ     MaxPool(pool1) -> p1_quantized (uint8)
+
+Both graphs are first reduced to a *skeleton*: QuantizeLinear, DequantizeLinear,
+DynamicQuantizeLinear, Identity and float-to-float Cast become pass-throughs (their outputs join
+the *group* of the tensor they read), QLinear*/QGemm/ConvInteger/MatMulInteger are read as the
+float operator they implement, and the Cast/Mul/Add rescale chain after an integer op is folded
+into that op. Then, walking the quantized skeleton in topological order from the graph inputs
+(paired by name), a quantized node is paired with the float node that has a compatible operator
+type and reads the float counterparts of its inputs. Several candidates (say the Q, K and V
+projections reading one LayerNorm output) are told apart by node name, then by weight values;
+if still tied the layer is reported as ambiguous, never guessed.
+
+A quantized node's output may stand for the end of a chain of float nodes it fused (Conv ->
+BatchNormalization -> Relu). The end is the chain member whose float consumers have the same
+operator types as the quantized output's consumers (so QLinearConv writing ``c1_quantized`` is
+paired with ``r1`` because both feed a MaxPool), with names as a tie-breaker. The layer is then
+named ``conv1+relu1``.
+
+For each group the tensor tapped in the quantized model is the one after its DequantizeLinear
+(the values consumers see), else an integer tensor whose scale and zero point are known (QOperator,
+dequantized by the runner), else the float tensor itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from qdiff.graph import FLOAT_TYPES, Graph, attr_value
+from qdiff.structs import (
+    DequantParams,
+    Matching,
+    MatchMethod,
+    PairKind,
+    TensorPair,
+    Unmatched,
+    WeightPair,
+)
+
+__all__ = ["match_models", "QOP_SPECS"]
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Operator tables
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QOpSpec:
+    """How a quantized operator maps onto the float operator it implements.
+
+    Attributes:
+        float_op: the float operator type.
+        inputs: float input position -> quantized input position.
+        in_params: quantized input position -> (scale position, zero point position).
+        out_params: (scale position, zero point position) of the output, None if it is not
+            statically quantized (integer accumulator or float output).
+        bias: (quantized bias position, input-scale position, weight-scale position): an int32
+            bias whose scale is input scale x weight scale.
+        output: "quant" (int8 with out_params), "accum" (int32, rescaled by following nodes) or
+            "float".
+    """
+
+    float_op: str
+    inputs: dict[int, int]
+    in_params: dict[int, tuple[int, int]] = field(default_factory=dict)
+    out_params: tuple[int, int] | None = None
+    bias: tuple[int, int, int] | None = None
+    output: str = "quant"
+
+
+def _unary(op: str) -> QOpSpec:
+    return QOpSpec(op, {0: 0}, {0: (1, 2)}, (3, 4))
+
+
+def _binary(op: str) -> QOpSpec:
+    return QOpSpec(op, {0: 0, 1: 3}, {0: (1, 2), 3: (4, 5)}, (6, 7))
+
+
+QOP_SPECS: dict[str, QOpSpec] = {
+    "QLinearConv": QOpSpec("Conv", {0: 0, 1: 3, 2: 8}, {0: (1, 2), 3: (4, 5)}, (6, 7), bias=(8, 1, 4)),
+    "QLinearMatMul": QOpSpec("MatMul", {0: 0, 1: 3}, {0: (1, 2), 3: (4, 5)}, (6, 7)),
+    "QGemm": QOpSpec("Gemm", {0: 0, 1: 3, 2: 6}, {0: (1, 2), 3: (4, 5)}, (7, 8), bias=(6, 1, 4)),
+    "QLinearAdd": _binary("Add"),
+    "QLinearMul": _binary("Mul"),
+    "QLinearSigmoid": _unary("Sigmoid"),
+    "QLinearLeakyRelu": _unary("LeakyRelu"),
+    "QLinearSoftmax": _unary("Softmax"),
+    "QLinearAveragePool": _unary("AveragePool"),
+    "QLinearGlobalAveragePool": _unary("GlobalAveragePool"),
+    "QLinearReduceMean": _unary("ReduceMean"),
+    "ConvInteger": QOpSpec("Conv", {0: 0, 1: 1}, output="accum"),
+    "MatMulInteger": QOpSpec("MatMul", {0: 0, 1: 1}, output="accum"),
+    "DynamicQuantizeMatMul": QOpSpec("MatMul", {0: 0, 1: 1}, {1: (2, 3)}, output="float"),
+    "MatMulIntegerToFloat": QOpSpec("MatMul", {0: 0, 1: 1}, {1: (3, 5)}, output="float"),
+}
+# QLinearConcat: Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input; built per node.
+
+#: Operators an int8 kernel runs directly on quantized values, keeping their scale and zero point.
+SCALE_PRESERVING = frozenset(
+    {
+        "MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+        "Slice", "Gather", "Split", "Resize", "Pad", "DepthToSpace", "SpaceToDepth", "Expand",
+        "Tile", "Identity", "ReduceMax", "ReduceMin",
+    }
+)  # fmt: skip
+
+#: Float operators a quantizer may fold into the node before them (the chain's end is the layer).
+FUSABLE = frozenset(
+    {"Relu", "Clip", "LeakyRelu", "BatchNormalization", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu"}
+)
+
+COMMUTATIVE = frozenset({"Add", "Mul", "Sum", "Max", "Min", "Mean"})
+
+#: Operators treated as the same layer type on both sides.
+_EQUIVALENT = {"Gemm": "MatMul"}
+
+_QUANT_SUFFIXES = (
+    "_QuantizeLinear_Input",
+    "_QuantizeLinear_Output",
+    "_DequantizeLinear_Output",
+    "_DequantizeLinear",
+    "_QuantizeLinear",
+    "_quantized",
+    "_quant",
+    "_output_quantized",
+)
+
+
+def _base_name(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for suffix in _QUANT_SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name = name[: -len(suffix)]
+                changed = True
+    return name
+
+
+def _same_kind(a: str, b: str) -> bool:
+    return _EQUIVALENT.get(a, a) == _EQUIVALENT.get(b, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skeleton
+# ---------------------------------------------------------------------------------------------
+
+#: member grades: which tensor of a group is tapped (highest, then latest, wins)
+_G_NONE, _G_FLOAT, _G_QUANT, _G_DEQUANT = 0, 1, 2, 3
+
+
+@dataclass
+class _SNode:
+    idx: int  # index into Graph.nodes
+    name: str
+    op: str  # float-equivalent operator type
+    act: list[tuple[int, str]]  # (float input position, root of the input's group)
+    consts: dict[int, str]  # float input position -> tensor name (constants)
+    outputs: list[str]  # roots written by this node
+    spec: QOpSpec | None = None
+
+
+class _Skeleton:
+    """Pass-throughs collapsed into groups; real compute nodes kept as _SNodes."""
+
+    def __init__(self, g: Graph) -> None:
+        self.g = g
+        self.root: dict[str, str] = {}
+        self.members: dict[str, list[str]] = defaultdict(list)
+        self.grade: dict[str, int] = {}
+        self.params: dict[str, DequantParams] = {}
+        self.domain: dict[str, str] = {}  # float | quant | accum | dynq | aux | other
+        self.nodes: list[_SNode] = []
+        self.by_root: dict[str, _SNode] = {}
+        self.consumers: dict[str, list[_SNode]] = defaultdict(list)
+        self.absorbed: set[int] = set()
+        for name in g.inputs:
+            is_float = g.is_float(name) is not False
+            self._new_root(name, _G_FLOAT if is_float else _G_NONE, "float" if is_float else "other")
+        for idx, node in enumerate(g.nodes):
+            self._visit(idx, node)
+        for sn in self.nodes:
+            for _, r in sn.act:
+                self.consumers[r].append(sn)
+        self._declare_consumer_params()
+
+    # -- groups -----------------------------------------------------------------------------
+    def _new_root(self, name: str, grade: int, domain: str) -> None:
+        self.root[name] = name
+        self.members[name].append(name)
+        self.grade[name] = grade
+        self.domain[name] = domain
+
+    def _join(self, name: str, root: str, grade: int, domain: str) -> None:
+        self.root[name] = root
+        self.members[root].append(name)
+        self.grade[name] = grade
+        self.domain[name] = domain
+
+    def root_of(self, name: str) -> str | None:
+        return self.root.get(name)
+
+    def best_member(self, root: str) -> str:
+        members = self.members[root]
+        best = max(range(len(members)), key=lambda i: (self.grade.get(members[i], 0), i))
+        return members[best]
+
+    def is_const(self, name: str) -> bool:
+        return self.g.is_constant(name)
+
+    def is_aux(self, name: str) -> bool:
+        """Constants, and runtime scales/zero points of dynamic quantization."""
+        if not name or self.g.is_constant(name):
+            return True
+        if self.domain.get(name) == "aux":
+            return True
+        p = self.g.producer.get(name)
+        if p is None:
+            return False
+        node = self.g.nodes[p]
+        return all(self.is_aux(i) for i in node.input if i) and bool(node.input)
+
+    # -- node classification ----------------------------------------------------------------
+    def _visit(self, idx: int, node: onnx.NodeProto) -> None:
+        g = self.g
+        op = node.op_type
+        ins = list(node.input)
+        outs = [o for o in node.output]
+        if all(g.is_constant(o) for o in outs if o) and outs:
+            return  # constant subgraph: weights, shapes; not activations
+        first_act = next((i for i in ins if i and not self.is_aux(i)), None)
+
+        if op == "QuantizeLinear" and ins and ins[0] in self.root:
+            self._join(outs[0], self.root[ins[0]], _G_QUANT, "quant")
+            p = self._params_from(node, 1, 2, attr_value(node, "axis", 1))
+            if p is not None:
+                self.params[outs[0]] = p
+            return
+        if op == "DequantizeLinear" and ins and ins[0] in self.root:
+            self._join(outs[0], self.root[ins[0]], _G_DEQUANT, "float")
+            if ins[0] not in self.params:
+                p = self._params_from(node, 1, 2, attr_value(node, "axis", 1))
+                if p is not None:
+                    self.params[ins[0]] = p
+                    if self.grade.get(ins[0]) == _G_NONE:
+                        self.grade[ins[0]] = _G_QUANT
+            return
+        if op == "DynamicQuantizeLinear" and ins and ins[0] in self.root:
+            self._join(outs[0], self.root[ins[0]], _G_NONE, "dynq")
+            for o in outs[1:]:
+                if o:
+                    self.domain[o] = "aux"
+            return
+        if op == "Identity" and ins and ins[0] in self.root:
+            src = ins[0]
+            self._join(outs[0], self.root[src], self.grade.get(src, _G_FLOAT), self.domain.get(src, "float"))
+            if src in self.params:
+                self.params[outs[0]] = self.params[src]
+            return
+        if op == "Cast" and ins and ins[0] in self.root:
+            to = attr_value(node, "to")
+            src_domain = self.domain.get(ins[0])
+            if src_domain == "accum":  # int32 accumulator -> float, still unscaled
+                self._join(outs[0], self.root[ins[0]], _G_NONE, "accum")
+                return
+            if to in FLOAT_TYPES and src_domain == "float":
+                self._join(outs[0], self.root[ins[0]], self.grade.get(ins[0], _G_FLOAT), "float")
+                return
+        # rescale chain after an integer op: (Cast) -> Mul(scale) -> Add(bias)
+        if (
+            op in ("Mul", "Add", "Reshape")
+            and first_act is not None
+            and self.domain.get(first_act) in ("accum", "rescaled")
+            and all(self.is_aux(i) for i in ins if i and i != first_act)
+        ):
+            domain = "rescaled" if op != "Reshape" or self.domain[first_act] == "rescaled" else "accum"
+            grade = _G_FLOAT if domain == "rescaled" else _G_NONE
+            self._join(outs[0], self.root[first_act], grade, domain)
+            self.absorbed.add(idx)
+            return
+
+        spec = QOP_SPECS.get(op)
+        if op == "QLinearConcat":
+            n_in = (len(ins) - 2) // 3
+            spec = QOpSpec(
+                "Concat",
+                {k: 2 + 3 * k for k in range(n_in)},
+                {2 + 3 * k: (3 + 3 * k, 4 + 3 * k) for k in range(n_in)},
+                (0, 1),
+            )
+        if spec is not None:
+            act: list[tuple[int, str]] = []
+            consts: dict[int, str] = {}
+            for fpos, qpos in spec.inputs.items():
+                if qpos >= len(ins) or not ins[qpos]:
+                    continue
+                name = ins[qpos]
+                if self.is_aux(name):
+                    consts[fpos] = name
+                elif name in self.root:
+                    act.append((fpos, self.root[name]))
+                else:
+                    act.append((fpos, name))
+            float_out = spec.output == "float" or (op == "QGemm" and (len(ins) <= 7 or not ins[7]))
+            sn = _SNode(idx, node.name or f"{op}({outs[0]})", spec.float_op, act, consts, [outs[0]], spec)
+            if spec.output == "accum":
+                self._new_root(outs[0], _G_NONE, "accum")
+            elif float_out:
+                self._new_root(outs[0], _G_FLOAT, "float")
+            else:
+                self._new_root(outs[0], _G_QUANT, "quant")
+                if spec.out_params is not None:
+                    p = self._params_from(node, *spec.out_params, axis=1)
+                    if p is not None:
+                        self.params[outs[0]] = p
+                    else:
+                        self.grade[outs[0]] = _G_NONE
+            self._add(sn)
+            return
+
+        # a regular operator
+        act = []
+        consts = {}
+        for pos, name in enumerate(ins):
+            if not name:
+                continue
+            if self.is_aux(name):
+                consts[pos] = name
+            elif name in self.root:
+                act.append((pos, self.root[name]))
+            else:
+                act.append((pos, name))  # produced by something we could not place
+        in_domain = self.domain.get(ins[0]) if ins and ins[0] else None
+        roots = []
+        for k, o in enumerate(outs):
+            if not o:
+                continue
+            if in_domain == "quant" and op in SCALE_PRESERVING:
+                self._new_root(o, _G_QUANT, "quant")
+                if ins[0] in self.params:
+                    self.params[o] = self.params[ins[0]]
+                else:
+                    self.grade[o] = _G_NONE
+            else:
+                is_float = self.g.is_float(o)
+                if is_float is None:
+                    is_float = in_domain in (None, "float", "rescaled")
+                self._new_root(o, _G_FLOAT if is_float else _G_NONE, "float" if is_float else "other")
+            roots.append(o)
+        self._add(_SNode(idx, node.name or f"{op}({outs[0] if outs else idx})", op, act, consts, roots))
+
+    def _add(self, sn: _SNode) -> None:
+        self.nodes.append(sn)
+        for r in sn.outputs:
+            self.by_root[r] = sn
+
+    def _params_from(self, node: onnx.NodeProto, scale_pos: int, zp_pos: int, axis: int) -> DequantParams | None:
+        ins = list(node.input)
+        if scale_pos >= len(ins) or not ins[scale_pos]:
+            return None
+        scale = self.g.const_value(ins[scale_pos])
+        if scale is None:
+            return None
+        zp = self.g.const_value(ins[zp_pos]) if zp_pos < len(ins) and ins[zp_pos] else None
+        if zp is None:
+            zp = np.zeros_like(scale, dtype=np.int32)
+        return DequantParams(np.asarray(scale), np.asarray(zp), int(axis))
+
+    def _declare_consumer_params(self) -> None:
+        """QLinear ops state the scale of the integer tensors they read: use that where unknown."""
+        for sn in self.nodes:
+            if sn.spec is None:
+                continue
+            node = self.g.nodes[sn.idx]
+            ins = list(node.input)
+            for qpos, (s, z) in sn.spec.in_params.items():
+                if qpos < len(ins) and ins[qpos] and ins[qpos] not in self.params and not self.is_aux(ins[qpos]):
+                    p = self._params_from(node, s, z, axis=1)
+                    if p is not None:
+                        self.params[ins[qpos]] = p
+                        if self.domain.get(ins[qpos]) == "quant":
+                            self.grade[ins[qpos]] = _G_QUANT
+
+    # -- consumers ------------------------------------------------------------------------------
+    def consumer_signature(self, root: str) -> tuple[tuple[str, ...], bool]:
+        ops = sorted(_EQUIVALENT.get(sn.op, sn.op) for sn in self.consumers.get(root, []))
+        is_output = any(m in self.g.outputs for m in self.members.get(root, [root]))
+        return tuple(ops), is_output
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+# ---------------------------------------------------------------------------------------------
+
+
+def match_models(float_graph: Graph, quant_graph: Graph) -> Matching:
+    """Pair every comparable tensor of ``float_graph`` with its counterpart in ``quant_graph``.
+
+    Args:
+        float_graph: the reference (float32) model.
+        quant_graph: the quantized (QDQ, QOperator, dynamic) or FP16 model.
+
+    Returns:
+        The pairs in float topological order, output pairs, weight pairs and what stayed
+        unmatched (both sides) with the reason.
+    """
+    fs = _Skeleton(float_graph)
+    qs = _Skeleton(quant_graph)
+    return _Matcher(fs, qs).run()
+
+
+class _Matcher:
+    def __init__(self, fs: _Skeleton, qs: _Skeleton) -> None:
+        self.fs, self.qs = fs, qs
+        self.q2f: dict[str, str] = {}  # quant root -> float root
+        self.matched_f: dict[int, tuple[_SNode, list[_SNode], MatchMethod]] = {}  # float idx -> (q, chain, how)
+        self.fused: dict[int, int] = {}  # float idx of a fused-away node -> idx of the chain head
+        self.unmatched: list[Unmatched] = []
+        self.f_index: dict[tuple, list[_SNode]] = defaultdict(list)
+        self.f_order = {sn.idx: k for k, sn in enumerate(fs.nodes)}
+        for sn in fs.nodes:
+            self.f_index[self._key(sn.op, sn.act)].append(sn)
+
+    @staticmethod
+    def _key(op: str, act: list[tuple[int, str]]) -> tuple:
+        op = _EQUIVALENT.get(op, op)
+        if op in COMMUTATIVE or op == "Concat":
+            names = tuple(sorted(r for _, r in act)) if op != "Concat" else tuple(r for _, r in sorted(act))
+            return (op, names)
+        return (op, tuple(sorted(act)))
+
+    def run(self) -> Matching:
+        fg, qg = self.fs.g, self.qs.g
+        for name in fg.inputs:
+            if name in qg.inputs:
+                self.q2f[self.qs.root[name]] = self.fs.root[name]
+        for q in self.qs.nodes:
+            self._match_node(q)
+        pairs = self._input_pairs() + self._layer_pairs()
+        outputs = self._output_pairs()
+        self._report_unmatched()
+        weights = self._weight_pairs()
+        pairs.sort(key=lambda p: (p.order, p.float_tensor))
+        return Matching(tuple(pairs), tuple(outputs), tuple(weights), tuple(self.unmatched))
+
+    # -- node pairing ---------------------------------------------------------------------------
+    def _match_node(self, q: _SNode) -> None:
+        qg = self.qs.g
+        mapped: list[tuple[int, str]] = []
+        for pos, r in q.act:
+            f = self.q2f.get(r)
+            if f is None:
+                self.unmatched.append(
+                    Unmatched(q.name, "quant", qg.nodes[q.idx].op_type, f"its input '{r}' has no float counterpart")
+                )
+                return
+            mapped.append((pos, f))
+        if not mapped:
+            return  # reads constants only
+        candidates = [c for c in self.f_index.get(self._key(q.op, mapped), []) if c.idx not in self.matched_f]
+        if not candidates and q.op in ("MatMul", "Gemm"):
+            alt = "Gemm" if q.op == "MatMul" else "MatMul"
+            candidates = [
+                c
+                for c in self.fs.nodes
+                if c.op == alt and c.idx not in self.matched_f and [r for p, r in c.act if p == 0] == [mapped[0][1]]
+            ]
+        if not candidates:
+            self.unmatched.append(
+                Unmatched(
+                    q.name,
+                    "quant",
+                    qg.nodes[q.idx].op_type,
+                    f"no unpaired float {q.op} reads the float counterparts of its inputs",
+                )
+            )
+            return
+        method = MatchMethod.STRUCTURE
+        if len(candidates) > 1:
+            chosen, method = self._disambiguate(q, candidates)
+            if chosen is None:
+                names = ", ".join(self.fs.g.node_label(c.idx) for c in candidates)
+                self.unmatched.append(
+                    Unmatched(
+                        q.name,
+                        "quant",
+                        qg.nodes[q.idx].op_type,
+                        f"ambiguous: float nodes {names} all fit by structure, names and weights",
+                    )
+                )
+                return
+            candidates = [chosen]
+        f = candidates[0]
+        chain = self._fusion_chain(q, f)
+        self.matched_f[f.idx] = (q, chain, method)
+        for c in chain[1:]:
+            self.fused[c.idx] = f.idx
+        end = chain[-1]
+        for k, qr in enumerate(q.outputs):
+            if k < len(end.outputs):
+                self.q2f[qr] = end.outputs[k]
+
+    def _disambiguate(self, q: _SNode, candidates: list[_SNode]) -> tuple[_SNode | None, MatchMethod]:
+        qnode = self.qs.g.nodes[q.idx]
+        qnames = {qnode.name, _base_name(qnode.name)} - {""}
+        qouts = {_base_name(m) for r in q.outputs for m in self.qs.members[r]}
+        by_name = [
+            c
+            for c in candidates
+            if (self.fs.g.nodes[c.idx].name and self.fs.g.nodes[c.idx].name in qnames)
+            or any(o in qouts for o in c.outputs)
+        ]
+        if len(by_name) == 1:
+            return by_name[0], MatchMethod.NAME
+        pool = by_name or candidates
+        scores = []
+        for c in pool:
+            s = self._weight_similarity(q, c)
+            scores.append(s)
+        if scores and max(scores) > -2:
+            order = sorted(range(len(pool)), key=lambda i: -scores[i])
+            best = order[0]
+            if len(order) == 1 or scores[best] - scores[order[1]] > 0.05:
+                return pool[best], MatchMethod.WEIGHTS
+        return None, MatchMethod.STRUCTURE
+
+    def _weight_similarity(self, q: _SNode, f: _SNode) -> float:
+        sims = []
+        for pos, fname in f.consts.items():
+            fv = self.fs.g.const_value(fname)
+            qname = q.consts.get(pos)
+            if fv is None or qname is None:
+                continue
+            qv = _dequantized_const(self.qs, q, pos, qname)
+            if qv is None:
+                continue
+            qv = _align_shape(fv, qv[0])
+            if qv is None:
+                sims.append(-1.0)
+                continue
+            a = fv.astype(np.float64).ravel()
+            b = qv.astype(np.float64).ravel()
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            sims.append(float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0)
+        return float(np.mean(sims)) if sims else -3.0
+
+    def _fusion_chain(self, q: _SNode, f: _SNode) -> list[_SNode]:
+        """f followed by the float nodes the quantized node fused, ending where q's output stands."""
+        chain = [f]
+        while True:
+            last = chain[-1]
+            if len(last.outputs) != 1:
+                break
+            users = self.fs.consumers.get(last.outputs[0], [])
+            if len(users) != 1 or users[0].op not in FUSABLE or last.outputs[0] in self.fs.g.outputs:
+                break
+            nxt = users[0]
+            if [r for _, r in nxt.act] != [last.outputs[0]] or nxt.idx in self.matched_f:
+                break
+            chain.append(nxt)
+        if len(chain) == 1 or len(q.outputs) != 1:
+            return chain
+        qsig = self.qs.consumer_signature(q.outputs[0])
+        fits = [k for k, c in enumerate(chain) if self.fs.consumer_signature(c.outputs[0]) == qsig]
+        if len(fits) == 1:
+            return chain[: fits[0] + 1]
+        qnames = {_base_name(m) for m in self.qs.members[q.outputs[0]]}
+        named = [k for k, c in enumerate(chain) if c.outputs[0] in qnames]
+        pool = [k for k in fits if k in named] or named or fits
+        return chain[: (pool[-1] if pool else 0) + 1]
+
+    # -- pairs --------------------------------------------------------------------------------
+    def _tap(self, qroot: str) -> tuple[str, DequantParams | None] | None:
+        best = self.qs.best_member(qroot)
+        grade = self.qs.grade.get(best, _G_NONE)
+        if grade == _G_NONE:
+            return None
+        return best, (self.qs.params.get(best) if grade == _G_QUANT else None)
+
+    def _input_pairs(self) -> list[TensorPair]:
+        pairs = []
+        for name in self.fs.g.inputs:
+            if name not in self.qs.root:
+                continue
+            tap = self._tap(self.qs.root[name])
+            if tap is None or tap[0] == name:
+                continue  # fed to the quantized model as is: nothing to compare
+            pairs.append(
+                TensorPair(
+                    layer=f"input:{name}",
+                    op_type="Input",
+                    float_tensor=name,
+                    quant_tensor=tap[0],
+                    kind=PairKind.INPUT,
+                    method=MatchMethod.INPUT,
+                    order=-1,
+                    quant_node=self.qs.g.node_label(self.qs.g.producer[tap[0]]) if tap[0] in self.qs.g.producer else "",
+                    dequant=tap[1],
+                )
+            )
+        return pairs
+
+    def _layer_pairs(self) -> list[TensorPair]:
+        pairs = []
+        fg, qg = self.fs.g, self.qs.g
+        for fidx, (q, chain, method) in self.matched_f.items():
+            end = chain[-1]
+            layer = "+".join(fg.node_label(c.idx) for c in chain)
+            op_type = "+".join(fg.nodes[c.idx].op_type for c in chain)
+            for k, qr in enumerate(q.outputs):
+                if k >= len(end.outputs):
+                    break
+                froot = end.outputs[k]
+                if fg.is_float(froot) is False:
+                    self.unmatched.append(
+                        Unmatched(layer, "float", op_type, f"output '{froot}' is not a float tensor; not compared")
+                    )
+                    continue
+                tap = self._tap(qr)
+                if tap is None:
+                    self.unmatched.append(
+                        Unmatched(
+                            layer,
+                            "float",
+                            op_type,
+                            f"quantized tensor '{qr}' has no static scale (integer accumulator or dynamic "
+                            "quantization without a float rescale); not compared",
+                        )
+                    )
+                    continue
+                suffix = f":{k}" if len(q.outputs) > 1 else ""
+                pairs.append(
+                    TensorPair(
+                        layer=layer + suffix,
+                        op_type=op_type,
+                        float_tensor=froot,
+                        quant_tensor=tap[0],
+                        method=method,
+                        order=self.f_order[fidx],
+                        quant_node=qg.node_label(q.idx),
+                        dequant=tap[1],
+                        is_output=froot in fg.outputs,
+                    )
+                )
+        return pairs
+
+    def _output_pairs(self) -> list[TensorPair]:
+        fg, qg = self.fs.g, self.qs.g
+        pairs = []
+        same_names = set(fg.outputs) <= set(qg.outputs)
+        for k, name in enumerate(fg.outputs):
+            qname = name if same_names else (qg.outputs[k] if k < len(qg.outputs) else None)
+            if qname is None:
+                self.unmatched.append(Unmatched(name, "float", "Output", "the quantized model has fewer outputs"))
+                continue
+            pairs.append(
+                TensorPair(
+                    layer=f"output:{name}",
+                    op_type="Output",
+                    float_tensor=name,
+                    quant_tensor=qname,
+                    method=MatchMethod.OUTPUT,
+                    order=len(fg.nodes),
+                    dequant=self.qs.params.get(qname),
+                    is_output=True,
+                )
+            )
+        return pairs
+
+    def _report_unmatched(self) -> None:
+        fg = self.fs.g
+        for sn in self.fs.nodes:
+            if sn.idx in self.matched_f or sn.idx in self.fused:
+                continue
+            node = fg.nodes[sn.idx]
+            if not sn.act:
+                reason = "reads constants only (folded or shape arithmetic); not compared"
+            elif any(r not in self._float_aligned() for _, r in sn.act):
+                missing = next(r for _, r in sn.act if r not in self._float_aligned())
+                reason = f"its input '{missing}' has no counterpart in the quantized model"
+            else:
+                reason = f"no quantized node of type {sn.op} reads the counterparts of its inputs"
+            self.unmatched.append(Unmatched(fg.node_label(sn.idx), "float", node.op_type, reason))
+
+    def _float_aligned(self) -> set[str]:
+        if not hasattr(self, "_aligned_cache"):
+            self._aligned_cache = set(self.q2f.values())
+        return self._aligned_cache
+
+    def _weight_pairs(self) -> list[WeightPair]:
+        out = []
+        fg = self.fs.g
+        for fidx, (q, chain, _) in sorted(self.matched_f.items(), key=lambda kv: self.f_order[kv[0]]):
+            f = chain[0]
+            layer = "+".join(fg.node_label(c.idx) for c in chain)
+            op = fg.nodes[f.idx].op_type
+            for pos, fname in sorted(f.consts.items()):
+                fv = fg.const_value(fname)
+                if fv is None or fv.dtype.kind != "f":
+                    continue
+                qname = q.consts.get(pos)
+                if qname is None:
+                    continue
+                resolved = _dequantized_const(self.qs, q, pos, qname)
+                if resolved is None:
+                    self.unmatched.append(
+                        Unmatched(f"{layer}/{fname}", "float", op, f"cannot read the quantized value of '{qname}'")
+                    )
+                    continue
+                qv, granularity, qsource = resolved
+                aligned = _align_shape(fv, qv)
+                if aligned is None:
+                    self.unmatched.append(
+                        Unmatched(
+                            f"{layer}/{fname}",
+                            "float",
+                            op,
+                            f"weight shapes differ: {list(fv.shape)} vs {list(qv.shape)}",
+                        )
+                    )
+                    continue
+                role = {1: "weight", 2: "bias"}.get(pos, f"input{pos}") if op in ("Conv", "Gemm", "MatMul", "ConvTranspose") else f"input{pos}"
+                out.append(
+                    WeightPair(
+                        layer=layer,
+                        op_type=op,
+                        role=role,
+                        float_tensor=fname,
+                        quant_tensor=qsource,
+                        float_value=fv,
+                        quant_value=aligned,
+                        granularity=granularity,
+                        channel_axis=_channel_axis(fg.nodes[f.idx], pos, fv.ndim),
+                    )
+                )
+        return out
+
+
+def _channel_axis(node: onnx.NodeProto, pos: int, ndim: int) -> int | None:
+    if ndim < 2:
+        return None
+    if node.op_type == "Conv" and pos == 1:
+        return 0
+    if node.op_type == "ConvTranspose" and pos == 1:
+        return 1
+    if node.op_type == "Gemm" and pos == 1:
+        return 0 if attr_value(node, "transB", 0) else 1
+    if node.op_type == "MatMul":
+        return ndim - 1
+    return None
+
+
+def _align_shape(fv: np.ndarray, qv: np.ndarray) -> np.ndarray | None:
+    if fv.shape == qv.shape:
+        return qv
+    if fv.ndim == 2 and qv.ndim == 2 and fv.shape == qv.T.shape:
+        return qv.T
+    if fv.size == qv.size and fv.squeeze().shape == qv.squeeze().shape:
+        return qv.reshape(fv.shape)
+    return None
+
+
+def _dequantized_const(qs: _Skeleton, q: _SNode, fpos: int, name: str) -> tuple[np.ndarray, str, str] | None:
+    """Real value of a constant input of a quantized node, with its quantization granularity."""
+    g = qs.g
+    value = g.const_value(name)
+    if value is not None and value.dtype.kind == "f":
+        return value.astype(np.float32), "float", name
+    producer = g.nodes[g.producer[name]] if name in g.producer else None
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        src = g.const_value(producer.input[0])
+        scale = g.const_value(producer.input[1]) if len(producer.input) > 1 else None
+        zp = g.const_value(producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
+        if src is None or scale is None:
+            return None
+        axis = attr_value(producer, "axis", 1)
+        p = DequantParams(np.asarray(scale), np.asarray(zp if zp is not None else 0), int(axis))
+        return p.dequantize(src), _granularity(p, axis), producer.input[0]
+    if value is None:
+        return None
+    # an integer constant read directly by a QLinear / Integer op
+    qnode = g.nodes[q.idx]
+    ins = list(qnode.input)
+    spec = q.spec
+    if spec is not None:
+        qpos = spec.inputs.get(fpos)
+        if spec.bias is not None and qpos == spec.bias[0]:
+            a_scale = g.const_value(ins[spec.bias[1]])
+            w_scale = g.const_value(ins[spec.bias[2]])
+            if a_scale is None or w_scale is None:
+                return None
+            p = DequantParams(np.asarray(a_scale * w_scale).reshape(-1), np.zeros(1, np.int32), 0)
+            return p.dequantize(value), _granularity(p, 0), name
+        if qpos is not None and qpos in spec.in_params:
+            s, z = spec.in_params[qpos]
+            scale = g.const_value(ins[s]) if s < len(ins) and ins[s] else None
+            zp = g.const_value(ins[z]) if z < len(ins) and ins[z] else None
+            if scale is not None:
+                axis = 0 if qnode.op_type in ("QLinearConv",) else value.ndim - 1
+                p = DequantParams(np.asarray(scale).reshape(-1), np.asarray(zp if zp is not None else 0).reshape(-1), axis)
+                return p.dequantize(value), _granularity(p, axis), name
+    # onnxruntime's dynamic quantization names the scale after the weight: W_quantized -> W_scale
+    base = _base_name(name)
+    scale = g.const_value(f"{base}_scale")
+    zp = g.const_value(f"{base}_zero_point")
+    if scale is not None:
+        axis = value.ndim - 1 if qnode.op_type == "MatMulInteger" else 0
+        scale = np.asarray(scale).reshape(-1)
+        p = DequantParams(scale, np.asarray(zp if zp is not None else 0).reshape(-1), axis)
+        return p.dequantize(value), _granularity(p, axis), name
+    return None
+
+
+def _granularity(p: DequantParams, axis: int) -> str:
+    return f"per-channel (axis {axis})" if p.per_channel else "per-tensor"
+
+

@@ -1,0 +1,119 @@
+"""Terminal rendering of results with rich (imported only here, only when rendering)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qdiff.result import CompareResult
+
+__all__ = ["compare_renderable", "print_compare"]
+
+
+def _fmt(v: Any, digits: int = 6) -> str:
+    if v is None:
+        return "-"
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(f):
+        return "-"
+    if abs(f) >= 1e5 or (0 < abs(f) < 1e-3):
+        return f"{f:.2e}"
+    return f"{f:.{digits}f}"
+
+
+def compare_renderable(result: CompareResult, *, top: int | None = None, highlight: int = 5) -> Any:
+    """A rich renderable: the summary, the per-layer table, outputs and the unmatched list.
+
+    Args:
+        result: what ``qdiff.compare`` returned.
+        top: show only the ``top`` worst layers, worst first (default: every layer in
+            topological order).
+        highlight: how many of the worst layers are marked.
+    """
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from qdiff.result import COSINE_THRESHOLD
+
+    layers = result.layers
+    worst = set(result.worst(highlight)["layer"]) if len(layers) else set()
+    rows = result.worst(top) if top else layers
+    title = f"qdiff compare: {result.meta['float_model']['name']} vs {result.meta['quant_model']['name']}"
+    if top:
+        title += f" — {min(top, len(rows))} worst layers"
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col, justify in [
+        ("#", "right"), ("layer", "left"), ("op", "left"), ("cosine", "right"), ("worst cos", "right"),
+        ("MSE", "right"), ("SQNR dB", "right"), ("KL", "right"), ("max abs", "right"), ("note", "left"),
+    ]:  # fmt: skip
+        table.add_column(col, justify=justify, overflow="fold", no_wrap=col not in ("note",))
+    for _, r in rows.iterrows():
+        bad = r["cosine"] < COSINE_THRESHOLD if not math.isnan(r["cosine"]) else True
+        style = "bold red" if bad else ("yellow" if r["layer"] in worst else None)
+        mark = " *" if r["layer"] in worst and r["kind"] != "input" else ""
+        note = r["note"]
+        if r["nan_quant"] or r["inf_quant"] or r["nan_float"] or r["inf_float"]:
+            note = (note + " " if note else "") + (
+                f"NaN/Inf float {r['nan_float']}/{r['inf_float']} quant {r['nan_quant']}/{r['inf_quant']}"
+            )
+        table.add_row(
+            str(r["order"]) if r["order"] >= 0 else "in",
+            f"{r['layer']}{mark}",
+            r["op_type"],
+            _fmt(r["cosine"]),
+            _fmt(r["cosine_worst"]),
+            _fmt(r["mse"], 4),
+            _fmt(r["sqnr_db"], 2),
+            _fmt(r["kl"], 4),
+            _fmt(r["max_abs"], 4),
+            note,
+            style=style,
+        )
+    parts: list[Any] = [table]
+    if len(result.outputs):
+        out = Table(title="final outputs", title_justify="left", header_style="bold")
+        for col in ("output", "cosine", "worst cos", "SQNR dB", "max abs", "top-1 agreement"):
+            out.add_column(col, justify="left" if col == "output" else "right")
+        for _, r in result.outputs.iterrows():
+            out.add_row(
+                r["float_tensor"], _fmt(r["cosine"]), _fmt(r["cosine_worst"]), _fmt(r["sqnr_db"], 2),
+                _fmt(r["max_abs"], 4), _fmt(r["top1_agreement"], 4),
+            )  # fmt: skip
+        parts.append(out)
+    if len(result.unmatched):
+        um = Table(title=f"unmatched ({len(result.unmatched)})", title_justify="left", header_style="bold")
+        for col in ("side", "name", "op", "reason"):
+            um.add_column(col, overflow="fold")
+        for _, r in result.unmatched.iterrows():
+            um.add_row(r["side"], r["name"], r["op_type"], r["reason"])
+        parts.append(um)
+    s = result.summary()
+    lines = [
+        f"{s['layers_matched']} layers matched, {s['unmatched_float']} float and {s['unmatched_quant']} quantized "
+        f"nodes unmatched, {s['samples']} samples",
+        f"worst layer: {s['worst_layer']} (cosine {_fmt(s['worst_cosine'])}); "
+        f"{s['below_threshold']} layer(s) below cosine {COSINE_THRESHOLD}",
+        f"final-output cosine: {_fmt(s['output_cosine'])}"
+        + (f", top-1 agreement {_fmt(s['top1_agreement'], 4)}" if s["top1_agreement"] is not None else ""),
+    ]
+    diff = result.meta.get("tapped_vs_deployed_max_abs")
+    if diff is not None and diff > 1e-6:
+        lines.append(
+            f"note: with its tensors tapped the quantized model's outputs differ from the untapped run by up to "
+            f"{_fmt(diff, 4)} (onnxruntime fuses Q/DQ differently when intermediates are outputs)"
+        )
+    parts.append(Text("\n".join(lines)))
+    return Group(*parts)
+
+
+def print_compare(result: CompareResult, *, console: Any = None, top: int | None = None) -> None:
+    """Print :func:`compare_renderable` to ``console`` (a rich Console; stdout by default)."""
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(compare_renderable(result, top=top))

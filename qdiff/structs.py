@@ -1,0 +1,126 @@
+"""Typed records passed between qdiff's stages (no behaviour beyond small helpers).
+
+Vocabulary, used the same way in code, CLI and docs:
+
+* *layer*: a node of the float graph that owns an output tensor, or several float nodes the
+  quantizer fused into one (named ``conv1+relu1``).
+* *tensor pair*: a float tensor and the quantized model's tensor holding the same values.
+* *accumulated error*: both models run on their own activations (what ``compare`` measures).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["MatchMethod", "PairKind", "DequantParams", "TensorPair", "WeightPair", "Unmatched", "Matching"]
+
+
+class MatchMethod(str, enum.Enum):
+    """How a tensor pair was found."""
+
+    INPUT = "input"  #: a graph input, paired by name
+    STRUCTURE = "structure"  #: same operator reading already-paired inputs, unique candidate
+    NAME = "name"  #: several structural candidates, resolved by node/tensor name
+    WEIGHTS = "weights"  #: several structural candidates, resolved by weight similarity
+    OUTPUT = "output"  #: a graph output, paired by name (or position)
+
+
+class PairKind(str, enum.Enum):
+    INPUT = "input"
+    ACTIVATION = "activation"
+
+
+@dataclass(frozen=True, eq=False)
+class DequantParams:
+    """Scale and zero point that turn a tapped integer tensor back into real values.
+
+    ``real = (q - zero_point) * scale``, with ``scale``/``zero_point`` broadcast along ``axis``
+    when they hold one value per channel.
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int = 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.size > 1
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        scale = self.scale.astype(np.float32)
+        zp = self.zero_point.astype(np.float32)
+        if self.per_channel and q.ndim > 0:
+            axis = self.axis if self.axis >= 0 else q.ndim + self.axis
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zp = zp.reshape(shape)
+        return (q.astype(np.float32) - zp) * scale
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """A float tensor and the quantized tensor that holds the same values.
+
+    Attributes:
+        layer: float node name, fused float nodes joined by ``+``, or ``input:NAME``.
+        op_type: the float operator(s), joined by ``+`` for fused layers.
+        float_tensor: tensor tapped in the float model.
+        quant_tensor: tensor tapped in the quantized model (after its DequantizeLinear where
+            there is one).
+        kind: graph input or activation.
+        method: how the pair was found.
+        order: position of the layer in the float graph's topological order.
+        quant_node: name of the quantized node that writes the values.
+        dequant: scale/zero point when ``quant_tensor`` is an integer tensor (QOperator).
+        is_output: True when ``float_tensor`` is a graph output of the float model.
+    """
+
+    layer: str
+    op_type: str
+    float_tensor: str
+    quant_tensor: str
+    kind: PairKind = PairKind.ACTIVATION
+    method: MatchMethod = MatchMethod.STRUCTURE
+    order: int = 0
+    quant_node: str = ""
+    dequant: DequantParams | None = field(default=None, compare=False)
+    is_output: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class WeightPair:
+    """A float weight and its dequantized counterpart (values, not names, are compared)."""
+
+    layer: str
+    op_type: str
+    role: str  #: "weight", "bias" or "input<k>"
+    float_tensor: str
+    quant_tensor: str
+    float_value: np.ndarray
+    quant_value: np.ndarray
+    granularity: str  #: "per-channel (axis k)", "per-tensor" or "float" (left unquantized)
+    channel_axis: int | None = None
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """Something of one model that has no counterpart in the other, and why."""
+
+    name: str
+    side: str  #: "float" or "quant"
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Everything the matcher found: pairs to tap, weights to compare, and what it could not pair."""
+
+    pairs: tuple[TensorPair, ...]
+    outputs: tuple[TensorPair, ...]
+    weights: tuple[WeightPair, ...]
+    unmatched: tuple[Unmatched, ...]
