@@ -126,10 +126,7 @@ def compare(
             deployed_sess, _ = open_session(session_factory, q_loaded.proto, q_loaded.label)
             names = [o.quant_tensor for o in outputs]
             deployed = deployed_sess.run(names, feed_for(deployed_sess, batch))
-            deployed_diff = max(
-                float(np.max(np.abs(_real(d, o) - _real(q_vals[n], o)))) if np.size(d) else 0.0
-                for d, n, o in zip(deployed, names, outputs)
-            )
+            deployed_diff = max(_finite_max_diff(_real(d, o), _real(q_vals[n], o)) for d, n, o in zip(deployed, names, outputs))
             deployed_sess = None
         for i, pair in enumerate(pairs):
             if i in broken:
@@ -172,6 +169,16 @@ def compare(
         notes, deployed_diff, time.perf_counter() - started, run_seconds, matching,
     )  # fmt: skip
     return CompareResult(layers, outs, weights, unmatched, meta, tuple(pairs))
+
+
+def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b| over the elements finite in both (0.0 for empty or shape-mismatched)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.size == 0 or a.shape != b.shape:
+        return 0.0
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(np.max(np.abs(np.where(ok, a - b, 0.0))))
 
 
 def _real(arr: np.ndarray, pair: TensorPair) -> np.ndarray:

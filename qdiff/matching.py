@@ -790,11 +790,19 @@ def _dequantized_const(qs: _Skeleton, q: _SNode, fpos: int, name: str) -> tuple[
         src = g.const_value(producer.input[0])
         scale = g.const_value(producer.input[1]) if len(producer.input) > 1 else None
         zp = g.const_value(producer.input[2]) if len(producer.input) > 2 and producer.input[2] else None
+        axis = attr_value(producer, "axis", 1)
+        note = ""
+        if src is None and producer.input[0] in g.producer:
+            # a float constant quantized at run time by a QuantizeLinear (onnxruntime does this
+            # for weights held by Constant nodes): evaluate that QuantizeLinear here
+            qnode = g.nodes[g.producer[producer.input[0]]]
+            if qnode.op_type == "QuantizeLinear":
+                src = _quantize_const(g, qnode)
+                note = " (quantized at run time)"
         if src is None or scale is None:
             return None
-        axis = attr_value(producer, "axis", 1)
         p = DequantParams(np.asarray(scale), np.asarray(zp if zp is not None else 0), int(axis))
-        return p.dequantize(src), _granularity(p, axis), producer.input[0]
+        return p.dequantize(src), _granularity(p, axis) + note, producer.input[0]
     if value is None:
         return None
     # an integer constant read directly by a QLinear / Integer op
@@ -828,6 +836,25 @@ def _dequantized_const(qs: _Skeleton, q: _SNode, fpos: int, name: str) -> tuple[
         p = DequantParams(scale, np.asarray(zp if zp is not None else 0).reshape(-1), axis)
         return p.dequantize(value), _granularity(p, axis), name
     return None
+
+
+def _quantize_const(g: Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    """numpy QuantizeLinear of constant inputs: saturate(round_half_even(x / scale) + zero_point)."""
+    x = g.const_value(node.input[0])
+    scale = g.const_value(node.input[1]) if len(node.input) > 1 else None
+    zp = g.const_value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if x is None or scale is None:
+        return None
+    zp = np.asarray(zp if zp is not None else np.uint8(0))
+    scale = np.asarray(scale, dtype=np.float32)
+    if scale.size > 1 and x.ndim > 0:
+        axis = attr_value(node, "axis", 1)
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    info = np.iinfo(zp.dtype)
+    q = np.rint(x.astype(np.float32) / scale) + zp.astype(np.int64)
+    return np.clip(q, info.min, info.max).astype(zp.dtype)
 
 
 def _granularity(p: DequantParams, axis: int) -> str:
