@@ -178,7 +178,9 @@ def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:
     if a.size == 0 or a.shape != b.shape:
         return 0.0
     ok = np.isfinite(a) & np.isfinite(b)
-    return float(np.max(np.abs(np.where(ok, a - b, 0.0))))
+    diff = np.zeros_like(a)
+    np.subtract(a, b, out=diff, where=ok)
+    return float(np.max(np.abs(diff)))
 
 
 def _real(arr: np.ndarray, pair: TensorPair) -> np.ndarray:

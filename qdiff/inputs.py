@@ -196,9 +196,10 @@ def _take(it: Iterable[Any], n: int) -> Iterator[Any]:
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not hasattr(npz, "files"):
-                raise DataError(f"data '{path}' holds one array, not named inputs; save it with np.savez(path, input_name=array)")
+        npz = np.load(path, allow_pickle=False)
+        if not hasattr(npz, "files"):  # an .npy file: a bare array, not a context manager
+            raise DataError(f"data '{path}' holds one array, not named inputs; save it with np.savez(path, input_name=array)")
+        with npz:
             return {k: npz[k] for k in npz.files}
     except DataError:
         raise
@@ -250,6 +251,7 @@ def _array_source(
         if arr.ndim == rank + 1:  # one sample per index, the model input has no batch axis
             step, add_axis = 1, False
             if batch_size != 1:
+                _effective_batch(spec, batch_size, where)  # a fixed batch dimension says so itself
                 raise UsageError(f"input '{spec.name}' has no batch axis; use --batch-size 1")
             n = arr.shape[0]
             plans[spec.name] = (step, True)
@@ -327,6 +329,7 @@ def _random_source(
 ) -> DataSource:
     shapes = {}
     for spec in specs:
+        _effective_batch(spec, batch_size, "random inputs")  # a fixed batch axis cannot take --batch-size
         if spec.name in input_shapes:
             shape = input_shapes[spec.name]
             if len(shape) != len(spec.shape) or any(

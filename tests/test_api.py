@@ -1,0 +1,62 @@
+"""The public surface, import costs, and the README's examples."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import qdiff
+
+ROOT = Path(__file__).resolve().parent.parent
+
+EXPECTED = {
+    "__version__", "compare", "CompareResult", "TensorPair", "WeightPair", "Unmatched", "Matching",
+    "MatchMethod", "DequantParams", "match_models", "Graph", "load_model", "InputSpec", "input_specs",
+    "make_source", "SessionOptions", "default_session_factory", "tap_model", "QdiffError", "ModelError",
+    "ModelMismatchError", "DataError", "ProviderError", "UsageError",
+}  # fmt: skip
+
+
+def test_public_surface_is_the_reviewed_one():
+    assert set(qdiff.__all__) == EXPECTED
+    assert len(qdiff.__all__) == len(set(qdiff.__all__))
+    for name in qdiff.__all__:
+        assert hasattr(qdiff, name), name
+
+
+def test_user_errors_share_one_base():
+    for name in ("ModelError", "ModelMismatchError", "DataError", "ProviderError", "UsageError"):
+        assert issubclass(getattr(qdiff, name), qdiff.QdiffError)
+
+
+def test_import_qdiff_does_not_load_renderers():
+    code = "import sys, qdiff; print(sorted(m for m in ('rich', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_readme_python_example_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        for block in blocks:
+            namespace: dict = {}
+            exec(compile(block, "README.md", "exec"), namespace)
+            assert namespace["result"].layers.shape[0] > 0
+    finally:
+        os.chdir(cwd)
+
+
+def test_readme_quick_start_has_exactly_the_two_make_targets():
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line.split("#")[0].strip() for line in quick.strip().splitlines()]
+    assert commands == ["make demo", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci
