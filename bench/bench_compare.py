@@ -189,6 +189,8 @@ def _maxrss_mb() -> float:
 
 
 def run_child(spec: dict) -> dict:
+    import resource
+
     # the same imports in every configuration, before the clock starts
     import numpy as np
     import onnx  # noqa: F401
@@ -203,6 +205,8 @@ def run_child(spec: dict) -> dict:
     config = spec["config"]
     base_mb = _maxrss_mb()
     extra: dict = {}
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = r0.ru_utime + r0.ru_stime
 
     t0 = time.perf_counter()
     if config == "floor":
@@ -244,7 +248,9 @@ def run_child(spec: dict) -> dict:
     else:
         raise SystemExit(f"unknown config {config!r}")
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_mb": _maxrss_mb(), "base_mb": base_mb, **extra}
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = cpu.ru_utime + cpu.ru_stime - cpu0
+    return {"seconds": seconds, "cpu_s": cpu_s, "peak_mb": _maxrss_mb(), "base_mb": base_mb, **extra}
 
 
 def probe_qdq_bytes_per_sample(fpath: str, qpath: str, case: str) -> int:
@@ -290,6 +296,7 @@ def measure(spec: dict, repeat: int, timeout: float) -> dict:
         "status": "ok",
         "seconds": statistics.median(r["seconds"] for r in ok),
         "seconds_all": [round(r["seconds"], 4) for r in ok],
+        "cpu_s": statistics.median(r["cpu_s"] for r in ok),
         "peak_mb": statistics.median(r["peak_mb"] for r in ok),
         "base_mb": statistics.median(r["base_mb"] for r in ok),
     }
@@ -319,6 +326,13 @@ def versions() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _f(v, fmt):
@@ -394,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp.name)
 
     started = time.perf_counter()
+    load_start = _loadavg()
+    if load_start is not None and load_start > 0.5:
+        print(f"warning: 1-min load average is {load_start:.2f} before starting; timings will be noisy", file=sys.stderr)
     rows: list[dict] = []
     try:
         for case in cases:
@@ -432,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions(),
             "args": {k: v for k, v in vars(args).items() if k != "child"},
             "total_seconds": round(time.perf_counter() - started, 1),
+            "loadavg_1min": {"start": load_start, "end": _loadavg()},
             "rows": rows,
             "table_markdown": text,
         }

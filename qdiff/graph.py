@@ -127,7 +127,7 @@ class Graph:
         for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
             if vi.type.HasField("tensor_type"):
                 self._types[vi.name] = vi.type
-        self._const_cache: dict[str, bool] = {}
+        self._constants = self._find_constants()
         self._value_cache: dict[str, np.ndarray | None] = {}
 
     # -- structure ------------------------------------------------------------------------
@@ -140,24 +140,18 @@ class Graph:
         """True for initializers, Constant outputs and tensors computed from constants only."""
         if not name:
             return True
-        cached = self._const_cache.get(name)
-        if cached is not None:
-            return cached
-        if name in self.initializers:
-            result = True
-        elif name in self.producer:
-            node = self.nodes[self.producer[name]]
-            if node.op_type == "Constant":
-                result = True
-            elif node.op_type.startswith("Random"):
-                result = False
-            else:
-                inputs = [i for i in node.input if i]
-                result = bool(inputs) and all(self.is_constant(i) for i in inputs) and not _has_subgraph(node)
-        else:
-            result = False  # a graph input
-        self._const_cache[name] = result
-        return result
+        return name in self._constants
+
+    def _find_constants(self) -> set[str]:
+        """One pass in topological order (no recursion: graphs may be thousands of nodes deep)."""
+        constants = set(self.initializers)
+        for node in self.nodes:
+            if node.op_type.startswith("Random") or _has_subgraph(node):
+                continue
+            inputs = [i for i in node.input if i]
+            if node.op_type == "Constant" or (inputs and all(i in constants for i in inputs)):
+                constants.update(o for o in node.output if o)
+        return constants
 
     def const_value(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant node output (None if not such a tensor)."""

@@ -231,13 +231,7 @@ class _Skeleton:
         """Constants, and runtime scales/zero points of dynamic quantization."""
         if not name or self.g.is_constant(name):
             return True
-        if self.domain.get(name) == "aux":
-            return True
-        p = self.g.producer.get(name)
-        if p is None:
-            return False
-        node = self.g.nodes[p]
-        return all(self.is_aux(i) for i in node.input if i) and bool(node.input)
+        return self.domain.get(name) == "aux"
 
     # -- node classification ----------------------------------------------------------------
     def _visit(self, idx: int, node: onnx.NodeProto) -> None:
@@ -247,6 +241,11 @@ class _Skeleton:
         outs = [o for o in node.output]
         if all(g.is_constant(o) for o in outs if o) and outs:
             return  # constant subgraph: weights, shapes; not activations
+        if ins and all(self.is_aux(i) for i in ins if i) and op not in ("Constant",):
+            for o in outs:  # computed from constants and run-time scales only
+                if o:
+                    self.domain[o] = "aux"
+            return
         first_act = next((i for i in ins if i and not self.is_aux(i)), None)
 
         if op == "QuantizeLinear" and ins and ins[0] in self.root:

@@ -269,3 +269,20 @@ def test_unmatched_nodes_listed_with_reasons(tmp_path):
     assert "no quantized node of type Sigmoid" in um[("float", "sig")]
     # the final output is still compared, by name
     assert [o.float_tensor for o in m.outputs] == ["y"]
+
+
+def test_deep_graph_matches_without_recursion_limits(tmp_path):
+    """3,000 layers deep: matching is iterative and roughly linear."""
+    import time
+
+    n = 3000
+    nodes = [helper.make_node("Relu" if k % 2 else "Neg", [f"t{k}"], [f"t{k + 1}"], name=f"n{k}") for k in range(n)]
+    io = (
+        [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(f"t{n}", TensorProto.FLOAT, [1, 4])],
+    )
+    f = helper.make_model(helper.make_graph(nodes, "deep", *io), opset_imports=[helper.make_opsetid("", 17)])
+    start = time.perf_counter()
+    m = match_models(Graph(f), Graph(f))
+    assert time.perf_counter() - start < 30
+    assert len(m.pairs) == n and m.unmatched == ()
