@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)} (floor always runs)")
     ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration; median reported (default 3)")
     ap.add_argument("--qdq-max-samples", type=int, default=None, help="skip qdq_loss_debug above this many samples")
-    ap.add_argument("--qdq-max-mb", type=float, default=4096, help="skip qdq_loss_debug when it would keep more than this (MB)")
+    ap.add_argument("--qdq-max-mb", type=float, default=8192, help="skip qdq_loss_debug when it would keep more than this (MB)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per child process")
     ap.add_argument("--json", dest="json_out", help="also write all measurements to this JSON file")
     ap.add_argument("--workdir", help="where the generated midcnn models go (default: a temp dir, removed after)")

@@ -110,7 +110,8 @@ class DataSource:
     """Batches of validated model inputs, read lazily, with a running fingerprint.
 
     Iterating yields ``{input name: array}`` dicts. After iteration, ``batches`` holds how many
-    were produced and ``fingerprint()`` the SHA-256 of everything fed.
+    runs were produced, ``samples`` how many samples they held (axis 0 of a batched input; one
+    per run otherwise) and ``fingerprint()`` the SHA-256 of everything fed.
     """
 
     def __init__(self, batches: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], description: str, count: int | None):
@@ -119,6 +120,7 @@ class DataSource:
         self.description = description
         self.count = count
         self.batches = 0
+        self.samples = 0
         self._hash = hashlib.sha256()
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -130,6 +132,7 @@ class DataSource:
                 self._hash.update(str(arr.shape).encode())
                 self._hash.update(np.ascontiguousarray(arr).tobytes())
             self.batches += 1
+            self.samples += _samples_in(checked, self.specs)
             yield checked
 
     def fingerprint(self) -> str:
@@ -257,9 +260,8 @@ def _array_source(
             plans[spec.name] = (step, True)
         elif arr.ndim == rank and rank > 0:
             step = _effective_batch(spec, batch_size, where)
-            n = arr.shape[0] // step
-            add_axis = False
-            plans[spec.name] = (step, add_axis)
+            n = arr.shape[0]
+            plans[spec.name] = (step, False)
         else:
             raise DataError(
                 f"data {where}: array '{spec.name}' has shape {list(arr.shape)}, which does not fit model input "
@@ -269,17 +271,23 @@ def _array_source(
     if len(counts) > 1:
         sizes = {k: arrays[k].shape[0] for k in arrays}
         raise DataError(f"data {where}: inputs hold different numbers of samples {sizes}; give every input the same count")
-    n = counts.pop() if counts else 0
-    if n == 0:
+    total = counts.pop() if counts else 0
+    if total == 0:
         raise DataError(f"data {where} holds no samples")
     if samples is not None:
-        n = min(n, samples)
+        total = min(total, samples)
+    step = max(s for s, _ in plans.values())
+    fixed = any(isinstance(sp.shape[0], int) and sp.shape[0] > 1 for sp in specs if sp.shape)
+    # a dynamic batch axis takes a shorter last batch; a fixed one (>1) needs full batches
+    n = total // step if fixed else -(-total // step)
+    if n == 0:
+        raise DataError(f"data {where}: {total} sample(s) cannot fill one batch of {step}")
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         for i in range(n):
             batch = {}
             for name, (step, squeeze) in plans.items():
-                batch[name] = arrays[name][i] if squeeze else arrays[name][i * step : (i + 1) * step]
+                batch[name] = arrays[name][i] if squeeze else arrays[name][i * step : min((i + 1) * step, total)]
             yield batch
 
     return DataSource(gen(), specs, f"data {where}", n)
@@ -296,8 +304,9 @@ def _folder_source(path: Path, specs: list[InputSpec], samples: int | None, batc
     steps = {s.name: _effective_batch(s, batch_size, str(path)) for s in specs}
     step = max(steps.values()) if steps else 1
     if samples is not None:
-        files = files[: samples * step]
-    n = len(files) // step
+        files = files[:samples]
+    fixed = any(isinstance(sp.shape[0], int) and sp.shape[0] > 1 for sp in specs if sp.shape)
+    n = len(files) // step if fixed else -(-len(files) // step)
 
     def read(p: Path) -> dict[str, np.ndarray]:
         if p.suffix == ".npy":
@@ -328,6 +337,7 @@ def _random_source(
     specs: list[InputSpec], samples: int, batch_size: int, seed: int, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> DataSource:
     shapes = {}
+    dynamic_batch: set[str] = set()
     for spec in specs:
         _effective_batch(spec, batch_size, "random inputs")  # a fixed batch axis cannot take --batch-size
         if spec.name in input_shapes:
@@ -346,6 +356,7 @@ def _random_source(
                 name = f"'{d}'" if d else "unnamed"
                 if k == 0 and len(dynamic) == 1:
                     shape = (batch_size,) + tuple(spec.shape[1:])  # a dynamic batch axis takes the batch size
+                    dynamic_batch.add(spec.name)
                 else:
                     example = "x".join(str(x) if isinstance(x, int) else "N" for x in spec.shape)
                     raise UsageError(
@@ -358,10 +369,16 @@ def _random_source(
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng(seed)
-        for _ in range(samples):
+        done = 0
+        while done < samples:
+            # a run holds batch_size samples along a dynamic batch axis (fewer in the last run)
+            take = min(batch_size, samples - done) if dynamic_batch else 1
+            done += take
             batch = {}
             for spec in specs:
                 shape = shapes[spec.name]
+                if spec.name in dynamic_batch:
+                    shape = (take,) + shape[1:]
                 if spec.dtype.kind == "f":
                     batch[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
                 elif spec.dtype.kind == "b":
@@ -371,6 +388,15 @@ def _random_source(
             yield batch
 
     return DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+
+
+def _samples_in(batch: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:
+    """Samples in one run: the length of a dynamic batch axis, else one."""
+    for spec in specs:
+        if spec.shape and not isinstance(spec.shape[0], int):
+            arr = batch[spec.name]
+            return int(arr.shape[0]) if arr.ndim else 1
+    return 1
 
 
 def _validate(batch: Mapping[str, np.ndarray], specs: list[InputSpec], index: int, where: str) -> dict[str, np.ndarray]:

@@ -118,7 +118,7 @@ def test_batch_size_on_a_dynamic_batch_model_concatenates(dynamic_models, tmp_pa
     np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]), x)
 
     result = qdiff.compare(dynamic_models.float, dynamic_models.qdq, data={"x": x}, batch_size=4)
-    assert result.meta["samples"] == 3  # runs of 4 samples each
+    assert result.meta["samples"] == 12 and result.meta["runs"] == 3  # runs of 4 samples each
     assert result.meta["batch_size"] == 4
     out = result.layers.set_index("float_tensor")
     assert out.loc["x", "shape"] == "4x4"  # what the model saw
@@ -390,12 +390,13 @@ def test_random_inputs_are_deterministic_by_seed(tiny_models):
 
 def test_random_inputs_on_a_dynamic_batch_take_the_batch_size(dynamic_models):
     specs = _specs(dynamic_models.float)
-    batches = list(make_source(None, specs, samples=2, batch_size=3))
+    batches = list(make_source(None, specs, samples=6, batch_size=3))
     assert [b["x"].shape for b in batches] == [(3, 4)] * 2
+    assert [b["x"].shape for b in make_source(None, specs, samples=4, batch_size=3)] == [(3, 4), (1, 4)]
     assert [b["x"].shape for b in make_source(None, specs, samples=1)] == [(1, 4)]
 
-    result = qdiff.compare(dynamic_models.float, dynamic_models.qdq, samples=2, batch_size=3)
-    assert result.meta["samples"] == 2
+    result = qdiff.compare(dynamic_models.float, dynamic_models.qdq, samples=6, batch_size=3)
+    assert result.meta["samples"] == 6 and result.meta["runs"] == 2
     assert result.outputs["shape"].tolist() == ["3x3"]
     _assert_finite(result)
 
