@@ -2,7 +2,8 @@
 
 The public surface, grouped (audited by tests/test_api.py)::
 
-    comparing     compare, CompareResult
+    comparing     compare, compare_quant_only, CompareResult
+    aligning      match, Alignment, load_tensor_map
     records       TensorPair, WeightPair, Unmatched, Matching, MatchMethod, DequantParams
     matching      match_models, Graph, load_model
     data          InputSpec, input_specs, make_source
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qdiff.compare import compare
+from qdiff.compare import compare, compare_quant_only, load_tensor_map, match
 from qdiff.errors import DataError, ModelError, ModelMismatchError, ProviderError, QdiffError, UsageError
 from qdiff.graph import Graph, load_model
 from qdiff.inputs import InputSpec, input_specs, make_source
 from qdiff.matching import match_models
-from qdiff.result import CompareResult
+from qdiff.result import Alignment, CompareResult
 from qdiff.runner import SessionOptions, default_session_factory, tap_model
 from qdiff.structs import DequantParams, Matching, MatchMethod, TensorPair, Unmatched, WeightPair
 
@@ -27,7 +28,12 @@ __all__ = [
     "__version__",
     # comparing
     "compare",
+    "compare_quant_only",
     "CompareResult",
+    # aligning
+    "match",
+    "Alignment",
+    "load_tensor_map",
     # records
     "TensorPair",
     "WeightPair",

@@ -35,8 +35,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run both models on the same inputs, tap every comparable tensor, match the graphs "
         "and report per-layer cosine, MSE, SQNR, KL and max error.",
     )
-    c.add_argument("float_model", metavar="FLOAT", help="the float (reference) .onnx model")
-    c.add_argument("quant_model", metavar="QUANT", help="the quantized or FP16 .onnx model")
+    c.add_argument("models", nargs="*", metavar="FLOAT QUANT", help="the float (reference) and the quantized or FP16 .onnx model")
+    c.add_argument(
+        "--quant-only", metavar="QUANT",
+        help="no float model: compare a QDQ model with itself minus its activation Q/DQ (shows activation quantization error)",
+    )  # fmt: skip
+    c.add_argument("--map", metavar="FILE", help="JSON/CSV float tensor -> quantized tensor pairs overriding the matching")
     c.add_argument("--data", metavar="PATH", help=".npz keyed by input name (axis 0 = samples) or a folder of .npz/.npy files")
     c.add_argument("--samples", type=int, metavar="N", help="use at most N samples (random inputs: default 8)")
     c.add_argument("--batch-size", type=int, default=1, metavar="B", help="samples per run (dynamic batch axis)")
@@ -50,6 +54,17 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
     c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
+
+    m = sub.add_parser(
+        "match",
+        help="show how the two graphs are paired, without running them",
+        description="Pair the float and quantized graphs by structure and print the alignment: float layer, "
+        "quantized tensor, how it was matched and how sure; -o writes it as JSON or CSV for --map.",
+    )
+    m.add_argument("float_model", metavar="FLOAT")
+    m.add_argument("quant_model", metavar="QUANT")
+    m.add_argument("--map", metavar="FILE", help="JSON/CSV float tensor -> quantized tensor pairs overriding the matching")
+    m.add_argument("-o", "--output", metavar="FILE", help="write the alignment (.json or .csv)")
     return parser
 
 
@@ -71,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "compare":
             return _compare(args)
+        if args.command == "match":
+            return _match(args)
     except QdiffError as exc:
         print(f"qdiff: error: {exc}", file=sys.stderr)
         return 2
@@ -91,18 +108,26 @@ def _compare(args: argparse.Namespace) -> int:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     for opt in ("csv", "json"):
         _check_writable(getattr(args, opt), f"--{opt}")
-    with _progress("comparing") as progress:
-        result = qdiff.compare(
-            args.float_model,
-            args.quant_model,
-            data=args.data,
-            samples=args.samples,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            input_shapes=args.input_shape,
-            provider=args.provider,
-            progress=progress,
+    if args.quant_only and args.models:
+        raise UsageError("--quant-only takes the quantized model itself; give no FLOAT QUANT with it")
+    if not args.quant_only and len(args.models) != 2:
+        raise UsageError(
+            f"compare needs FLOAT and QUANT models, got {len(args.models)} path(s); or use --quant-only QUANT"
         )
+    kwargs = dict(
+        data=args.data,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        input_shapes=args.input_shape,
+        provider=args.provider,
+        tensor_map=args.map,
+    )
+    with _progress("comparing") as progress:
+        if args.quant_only:
+            result = qdiff.compare_quant_only(args.quant_only, progress=progress, **kwargs)
+        else:
+            result = qdiff.compare(args.models[0], args.models[1], progress=progress, **kwargs)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(compare_renderable(result, top=args.top))
     if args.weights:
@@ -123,6 +148,26 @@ def _compare(args: argparse.Namespace) -> int:
         result.to_json(args.json)
     if args.csv:
         result.to_csv(args.csv)
+    return 0
+
+
+def _match(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import qdiff
+    from qdiff.errors import UsageError
+    from qdiff.render import alignment_renderable
+
+    if args.output and not args.output.lower().endswith((".json", ".csv")):
+        raise UsageError(f"-o {args.output}: give a .json or .csv file name")
+    _check_writable(args.output, "-o")
+    alignment = qdiff.match(args.float_model, args.quant_model, tensor_map=args.map)
+    Console(width=None if sys.stdout.isatty() else 160).print(alignment_renderable(alignment))
+    if args.output:
+        if args.output.lower().endswith(".csv"):
+            alignment.to_csv(args.output)
+        else:
+            alignment.to_json(args.output)
     return 0
 
 

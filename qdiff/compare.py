@@ -13,7 +13,10 @@ the number of samples.
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -28,7 +31,15 @@ from qdiff import metrics
 from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import match_models
-from qdiff.result import LAYER_COLUMNS, OUTPUT_COLUMNS, UNMATCHED_COLUMNS, WEIGHT_COLUMNS, CompareResult
+from qdiff.result import (
+    ALIGNMENT_COLUMNS,
+    LAYER_COLUMNS,
+    OUTPUT_COLUMNS,
+    UNMATCHED_COLUMNS,
+    WEIGHT_COLUMNS,
+    Alignment,
+    CompareResult,
+)
 from qdiff.runner import (
     SessionFactory,
     SessionOptions,
@@ -40,7 +51,7 @@ from qdiff.runner import (
 )
 from qdiff.structs import Matching, TensorPair, WeightPair
 
-__all__ = ["compare"]
+__all__ = ["compare", "compare_quant_only", "match", "load_tensor_map"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +70,7 @@ def compare(
     provider: str = "CPUExecutionProvider",
     session_factory: SessionFactory | None = None,
     progress: ProgressCallback | None = None,
+    tensor_map: Mapping[str, str] | str | None = None,
 ) -> CompareResult:
     """Compare a float model with its quantized (or FP16) version layer by layer.
 
@@ -76,6 +88,8 @@ def compare(
         provider: onnxruntime execution provider (ignored when ``session_factory`` is given).
         session_factory: builds a session from a ModelProto; inject one to run elsewhere.
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
+        tensor_map: float tensor -> quantized tensor pairs overriding or completing the matching,
+            or the path of a JSON/CSV file holding them (see :func:`load_tensor_map`).
 
     Returns:
         A :class:`~qdiff.result.CompareResult`.
@@ -97,7 +111,9 @@ def compare(
     source = make_source(
         data, f_specs, samples=samples, batch_size=batch_size, seed=seed, input_shapes=parse_input_shapes(input_shapes)
     )
-    matching = match_models(fg, qg)
+    if isinstance(tensor_map, (str, os.PathLike)):
+        tensor_map = load_tensor_map(tensor_map)
+    matching = match_models(fg, qg, tensor_map)
     pairs = list(matching.pairs)
     outputs = list(matching.outputs)
 
@@ -164,11 +180,135 @@ def compare(
         outs["top1_agreement"] = [t.result() for t in top1]
     weights = _weights_frame(matching.weights)
     unmatched = pd.DataFrame([asdict(u) for u in matching.unmatched], columns=UNMATCHED_COLUMNS)
+    warnings = _identity_warnings(weights, layers)
     meta = _meta(
         f_loaded, q_loaded, options, source, seed, batch_size,
         notes, deployed_diff, time.perf_counter() - started, run_seconds, matching,
     )  # fmt: skip
+    meta["warnings"] = warnings
+    if len(matching.skipped):
+        meta["skipped"] = [asdict(u) for u in matching.skipped]
     return CompareResult(layers, outs, weights, unmatched, meta, tuple(pairs))
+
+
+def match(
+    float_model: ModelLike, quant_model: ModelLike, *, tensor_map: Mapping[str, str] | str | None = None
+) -> Alignment:
+    """Pair the two graphs without running them (what ``qdiff match`` prints).
+
+    Args:
+        float_model: the reference model, a path or ModelProto.
+        quant_model: the quantized or FP16 model.
+        tensor_map: overrides, as for :func:`compare`.
+    """
+    f_loaded = load_model(float_model, role="float model")
+    q_loaded = load_model(quant_model, role="quantized model")
+    if isinstance(tensor_map, (str, os.PathLike)):
+        tensor_map = load_tensor_map(tensor_map)
+    m = match_models(Graph(f_loaded.proto), Graph(q_loaded.proto), tensor_map)
+    rows = [
+        {
+            "order": p.order,
+            "layer": p.layer,
+            "op_type": p.op_type,
+            "kind": p.kind.value,
+            "float_tensor": p.float_tensor,
+            "quant_tensor": p.quant_tensor,
+            "quant_node": p.quant_node,
+            "match": p.method.value,
+            "confidence": p.confidence,
+        }
+        for p in m.pairs
+    ]
+    return Alignment(
+        pd.DataFrame(rows, columns=ALIGNMENT_COLUMNS),
+        pd.DataFrame([asdict(u) for u in m.unmatched], columns=UNMATCHED_COLUMNS),
+        pd.DataFrame([asdict(u) for u in m.skipped], columns=UNMATCHED_COLUMNS),
+        {
+            "float_model": {"name": f_loaded.label, "sha256": f_loaded.sha256},
+            "quant_model": {"name": q_loaded.label, "sha256": q_loaded.sha256},
+        },
+    )
+
+
+def compare_quant_only(quant_model: ModelLike, data: DataLike = None, **kwargs: Any) -> CompareResult:
+    """Compare a QDQ model with itself minus its activation Q/DQ pairs (no float model needed).
+
+    The reference keeps the quantized weights, so this shows where *activation* quantization
+    hurts; weight rounding is in both models and does not show. Takes :func:`compare`'s keywords.
+
+    Raises:
+        ModelError: the model has no activation QuantizeLinear/DequantizeLinear pairs.
+    """
+    from qdiff.errors import ModelError
+    from qdiff.passes import strip_activation_qdq
+
+    loaded = load_model(quant_model, role="quantized model")
+    stripped = strip_activation_qdq(loaded.proto)
+    if stripped.modified == 0:
+        raise ModelError(
+            f"{loaded.label} has no QuantizeLinear/DequantizeLinear pairs on activations; --quant-only needs a QDQ model"
+        )
+    result = compare(stripped.model, loaded.proto, data, **kwargs)
+    result.meta["reference"] = f"{loaded.label} with {stripped.modified} activation Q/DQ pairs removed (--quant-only)"
+    result.meta["float_model"] = {"name": f"{loaded.label} without activation Q/DQ", "path": None, "sha256": None}
+    result.meta["quant_model"] = {"name": loaded.label, "path": str(loaded.path) if loaded.path else None, "sha256": loaded.sha256}
+    return result
+
+
+def load_tensor_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a float-tensor -> quantized-tensor map.
+
+    Accepted: a JSON object ``{"float": "quant"}``; a JSON list of records, or ``{"pairs": [...]}``
+    as ``qdiff match -o`` writes, with ``float_tensor`` and ``quant_tensor`` keys; a CSV with those
+    two columns.
+
+    Raises:
+        UsageError: the file is missing or not in one of those forms.
+    """
+    from qdiff.errors import UsageError
+
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise UsageError(f"--map file '{p}' does not exist")
+    try:
+        if p.lower().endswith(".csv"):
+            with open(p, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            with open(p, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            if isinstance(doc, dict) and "pairs" in doc:
+                rows = doc["pairs"]
+            elif isinstance(doc, dict):
+                return {str(k): str(v) for k, v in doc.items()}
+            else:
+                rows = doc
+        mapping = {str(r["float_tensor"]): str(r["quant_tensor"]) for r in rows}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"--map file '{p}' is not a tensor map ({type(exc).__name__}: {exc}); give JSON {{\"float\": \"quant\"}} "
+            "or a CSV with columns float_tensor,quant_tensor"
+        ) from None
+    return mapping
+
+
+def _identity_warnings(weights: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
+    """Say so up front when the two models do not look like the same network."""
+    out = []
+    w = weights[weights["role"] == "weight"]["cosine"].dropna() if len(weights) else pd.Series(dtype=float)
+    if len(w) >= 2 and float(w.median()) < 0.5:
+        out.append(
+            f"the models do not look like the same network: the weights of {int((w < 0.5).sum())} of {len(w)} layers "
+            f"do not correlate (median cosine {float(w.median()):.3f}); check that QUANT was made from FLOAT"
+        )
+    acts = layers[layers["kind"] == "activation"]["cosine"].dropna()
+    if len(acts) >= 2 and float(acts.iloc[0]) < 0.5 and not out:
+        out.append(
+            f"error is large from the first layer on (cosine {float(acts.iloc[0]):.3f}); check that QUANT was made "
+            "from FLOAT and that both take the same input preprocessing"
+        )
+    return out
 
 
 def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -211,6 +351,7 @@ def _frame(
             "float_tensor": pair.float_tensor,
             "quant_tensor": pair.quant_tensor,
             "match": pair.method.value,
+            "confidence": pair.confidence,
             "quant_node": pair.quant_node,
             "shape": "x".join(str(d) for d in shapes.get(key, [])),
             "samples": s["samples"],

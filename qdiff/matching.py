@@ -38,11 +38,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import product
 
 import numpy as np
 import onnx
 
+from qdiff.errors import UsageError
 from qdiff.graph import FLOAT_TYPES, Graph, attr_value
 from qdiff.structs import (
     DequantParams,
@@ -127,6 +130,9 @@ SCALE_PRESERVING = frozenset(
 FUSABLE = frozenset(
     {"Relu", "Clip", "LeakyRelu", "BatchNormalization", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu"}
 )
+
+#: Operators that only move values around; one model may have them where the other does not.
+LAYOUT = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
 COMMUTATIVE = frozenset({"Add", "Mul", "Sum", "Max", "Min", "Mean"})
 
@@ -411,12 +417,14 @@ class _Skeleton:
 # ---------------------------------------------------------------------------------------------
 
 
-def match_models(float_graph: Graph, quant_graph: Graph) -> Matching:
+def match_models(float_graph: Graph, quant_graph: Graph, user_map: Mapping[str, str] | None = None) -> Matching:
     """Pair every comparable tensor of ``float_graph`` with its counterpart in ``quant_graph``.
 
     Args:
         float_graph: the reference (float32) model.
         quant_graph: the quantized (QDQ, QOperator, dynamic) or FP16 model.
+        user_map: float tensor -> quantized tensor pairs that override or complete the
+            structural matching (``--map``).
 
     Returns:
         The pairs in float topological order, output pairs, weight pairs and what stayed
@@ -424,12 +432,15 @@ def match_models(float_graph: Graph, quant_graph: Graph) -> Matching:
     """
     fs = _Skeleton(float_graph)
     qs = _Skeleton(quant_graph)
-    return _Matcher(fs, qs).run()
+    return _Matcher(fs, qs, dict(user_map or {})).run()
 
 
 class _Matcher:
-    def __init__(self, fs: _Skeleton, qs: _Skeleton) -> None:
+    def __init__(self, fs: _Skeleton, qs: _Skeleton, user_map: dict[str, str]) -> None:
         self.fs, self.qs = fs, qs
+        self.user_map = user_map
+        self.skipped: list[Unmatched] = []
+        self.skipped_f: set[int] = set()
         self.q2f: dict[str, str] = {}  # quant root -> float root
         self.matched_f: dict[int, tuple[_SNode, list[_SNode], MatchMethod]] = {}  # float idx -> (q, chain, how)
         self.fused: dict[int, int] = {}  # float idx of a fused-away node -> idx of the chain head
@@ -457,9 +468,12 @@ class _Matcher:
         pairs = self._input_pairs() + self._layer_pairs()
         outputs = self._output_pairs()
         self._report_unmatched()
+        self._report_subgraphs()
         weights = self._weight_pairs()
+        if self.user_map:
+            pairs = self._apply_user_map(pairs)
         pairs.sort(key=lambda p: (p.order, p.float_tensor))
-        return Matching(tuple(pairs), tuple(outputs), tuple(weights), tuple(self.unmatched))
+        return Matching(tuple(pairs), tuple(outputs), tuple(weights), tuple(self.unmatched), tuple(self.skipped))
 
     # -- node pairing ---------------------------------------------------------------------------
     def _match_node(self, q: _SNode) -> None:
@@ -484,6 +498,31 @@ class _Matcher:
                 if c.op == alt and c.idx not in self.matched_f and [r for p, r in c.act if p == 0] == [mapped[0][1]]
             ]
         if not candidates:
+            candidates, removed = self._through_float_layout(q, mapped)
+            for idx in removed:
+                if idx not in self.skipped_f:
+                    self.skipped_f.add(idx)
+                    self.skipped.append(
+                        Unmatched(
+                            self.fs.g.node_label(idx),
+                            "float",
+                            self.fs.g.nodes[idx].op_type,
+                            "layout op absent from the quantized model; matched through, not compared",
+                        )
+                    )
+        if not candidates:
+            if q.op in LAYOUT and len(mapped) == 1 and len(q.outputs) == 1:
+                # a transpose/reshape only the quantized model has: match its consumers through it
+                self.q2f[q.outputs[0]] = mapped[0][1]
+                self.skipped.append(
+                    Unmatched(
+                        q.name,
+                        "quant",
+                        qg.nodes[q.idx].op_type,
+                        "layout op absent from the float model; matched through, not compared",
+                    )
+                )
+                return
             self.unmatched.append(
                 Unmatched(
                     q.name,
@@ -510,6 +549,10 @@ class _Matcher:
             candidates = [chosen]
         f = candidates[0]
         chain = self._fusion_chain(q, f)
+        conflict = self._shape_conflict(q, chain[-1])
+        if conflict:
+            self.unmatched.append(Unmatched(q.name, "quant", qg.nodes[q.idx].op_type, conflict))
+            return
         self.matched_f[f.idx] = (q, chain, method)
         for c in chain[1:]:
             self.fused[c.idx] = f.idx
@@ -517,6 +560,53 @@ class _Matcher:
         for k, qr in enumerate(q.outputs):
             if k < len(end.outputs):
                 self.q2f[qr] = end.outputs[k]
+
+    def _through_float_layout(self, q: _SNode, mapped: list[tuple[int, str]]) -> tuple[list[_SNode], list[int]]:
+        """Candidates reached by skipping float layout ops (Reshape, Transpose, ...) the quantized model lacks."""
+        options: list[list[tuple[str, list[int]]]] = []
+        for _, froot in mapped:
+            reach = [(froot, [])]
+            frontier = [(froot, [])]
+            for _depth in range(3):
+                nxt = []
+                for root, path in frontier:
+                    for c in self.fs.consumers.get(root, []):
+                        if c.op in LAYOUT and len(c.act) == 1 and len(c.outputs) == 1 and c.idx not in self.matched_f:
+                            nxt.append((c.outputs[0], path + [c.idx]))
+                reach += nxt
+                frontier = nxt
+            options.append(reach)
+        combos = 1
+        for o in options:
+            combos *= len(o)
+        if combos <= 1 or combos > 64:
+            return [], []
+        for combo in product(*options):
+            if all(not path for _, path in combo):
+                continue
+            remapped = [(pos, root) for (pos, _), (root, _) in zip(mapped, combo)]
+            found = [c for c in self.f_index.get(self._key(q.op, remapped), []) if c.idx not in self.matched_f]
+            if len(found) == 1:
+                return found, [i for _, path in combo for i in path]
+        return [], []
+
+    def _shape_conflict(self, q: _SNode, f_end: _SNode) -> str:
+        """A reason when the quantized output's shape and the float output's shape cannot be the same."""
+        for k, qr in enumerate(q.outputs):
+            if k >= len(f_end.outputs):
+                break
+            fshape = self.fs.g.shape(f_end.outputs[k])
+            qshape = self.qs.g.shape(self.qs.best_member(qr)) or self.qs.g.shape(qr)
+            if fshape is None or qshape is None:
+                continue
+            if len(fshape) != len(qshape) or any(
+                isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b for a, b in zip(fshape, qshape)
+            ):
+                return (
+                    f"shape {qshape} differs from float {self.fs.g.node_label(f_end.idx)}'s {fshape}; "
+                    "not paired (same operator and inputs, different shape)"
+                )
+        return ""
 
     def _disambiguate(self, q: _SNode, candidates: list[_SNode]) -> tuple[_SNode | None, MatchMethod]:
         qnode = self.qs.g.nodes[q.idx]
@@ -688,7 +778,7 @@ class _Matcher:
     def _report_unmatched(self) -> None:
         fg = self.fs.g
         for sn in self.fs.nodes:
-            if sn.idx in self.matched_f or sn.idx in self.fused:
+            if sn.idx in self.matched_f or sn.idx in self.fused or sn.idx in self.skipped_f:
                 continue
             node = fg.nodes[sn.idx]
             if not sn.act:
@@ -699,6 +789,60 @@ class _Matcher:
             else:
                 reason = f"no quantized node of type {sn.op} reads the counterparts of its inputs"
             self.unmatched.append(Unmatched(fg.node_label(sn.idx), "float", node.op_type, reason))
+
+    def _report_subgraphs(self) -> None:
+        """Nodes inside If/Loop/Scan bodies are not tapped: list each with that reason."""
+        fg = self.fs.g
+        for idx, node in enumerate(fg.nodes):
+            for a in node.attribute:
+                graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+                for g in graphs:
+                    for label, op in _subgraph_nodes(g, f"{fg.node_label(idx)}/{a.name}"):
+                        self.unmatched.append(
+                            Unmatched(
+                                label,
+                                "float",
+                                op,
+                                f"inside the '{a.name}' subgraph of {node.op_type} '{fg.node_label(idx)}': tensors in "
+                                f"control-flow bodies are not tapped; the {node.op_type} node's outputs are compared",
+                            )
+                        )
+
+    def _apply_user_map(self, pairs: list[TensorPair]) -> list[TensorPair]:
+        fg, qg = self.fs.g, self.qs.g
+        float_known = set(fg.producer) | set(fg.inputs)
+        quant_known = set(qg.producer) | set(qg.inputs)
+        bad_f = [f for f in self.user_map if f not in float_known]
+        bad_q = [q for q in self.user_map.values() if q not in quant_known]
+        if bad_f:
+            raise UsageError(f"--map names float tensor(s) {bad_f[:5]} that the float model does not have")
+        if bad_q:
+            raise UsageError(f"--map names quantized tensor(s) {bad_q[:5]} that the quantized model does not have")
+        out = [p for p in pairs if p.float_tensor not in self.user_map]
+        for ftensor, qtensor in self.user_map.items():
+            if ftensor in fg.producer:
+                idx = fg.producer[ftensor]
+                layer, op, order = fg.node_label(idx), fg.nodes[idx].op_type, self.f_order.get(idx, idx)
+            else:
+                layer, op, order = f"input:{ftensor}", "Input", -1
+            qroot = self.qs.root.get(qtensor)
+            qnode = qg.node_label(qg.producer[qtensor]) if qtensor in qg.producer else ""
+            out.append(
+                TensorPair(
+                    layer=layer,
+                    op_type=op,
+                    float_tensor=ftensor,
+                    quant_tensor=qtensor,
+                    kind=PairKind.INPUT if order == -1 else PairKind.ACTIVATION,
+                    method=MatchMethod.USER,
+                    order=order,
+                    quant_node=qnode,
+                    dequant=self.qs.params.get(qtensor) if qroot is not None else None,
+                    is_output=ftensor in fg.outputs,
+                )
+            )
+            self.unmatched = [u for u in self.unmatched if not (u.side == "float" and u.name == layer)]
+        return out
 
     def _float_aligned(self) -> set[str]:
         if not hasattr(self, "_aligned_cache"):
@@ -752,6 +896,17 @@ class _Matcher:
                     )
                 )
         return out
+
+
+def _subgraph_nodes(g: onnx.GraphProto, prefix: str) -> list[tuple[str, str]]:
+    out = []
+    for k, n in enumerate(g.node):
+        label = f"{prefix}/{n.name or n.op_type + str(k)}"
+        out.append((label, n.op_type))
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                out += _subgraph_nodes(sub, f"{label}/{a.name}")
+    return out
 
 
 def _channel_axis(node: onnx.NodeProto, pos: int, ndim: int) -> int | None:

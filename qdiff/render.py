@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from qdiff.result import CompareResult
 
-__all__ = ["compare_renderable", "print_compare"]
+__all__ = ["compare_renderable", "alignment_renderable", "print_compare"]
 
 
 def _fmt(v: Any, digits: int = 6) -> str:
@@ -74,7 +74,10 @@ def compare_renderable(result: CompareResult, *, top: int | None = None, highlig
             note,
             style=style,
         )
-    parts: list[Any] = [table]
+    parts: list[Any] = []
+    for w in result.meta.get("warnings", []):
+        parts.append(Text(f"warning: {w}", style="bold red"))
+    parts.append(table)
     if len(result.outputs):
         out = Table(title="final outputs", title_justify="left", header_style="bold")
         for col in ("output", "cosine", "worst cos", "SQNR dB", "max abs", "top-1 agreement"):
@@ -117,3 +120,36 @@ def print_compare(result: CompareResult, *, console: Any = None, top: int | None
 
     console = console or Console()
     console.print(compare_renderable(result, top=top))
+
+
+def alignment_renderable(alignment: Any) -> Any:
+    """A rich renderable of ``qdiff match``: the pairs, then what stayed unmatched or was skipped."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    meta = alignment.meta
+    table = Table(
+        title=f"qdiff match: {meta['float_model']['name']} vs {meta['quant_model']['name']}",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col in ("#", "float layer", "op", "float tensor", "quantized tensor", "how", "confidence"):
+        table.add_column(col, no_wrap=col in ("#", "how", "confidence"), overflow="fold")
+    for _, r in alignment.pairs.iterrows():
+        table.add_row(
+            str(r["order"]) if r["order"] >= 0 else "in", r["layer"], r["op_type"], r["float_tensor"],
+            r["quant_tensor"], r["match"], f"{r['confidence']:.1f}",
+        )  # fmt: skip
+    parts: list[Any] = [table]
+    for title, df in (("unmatched", alignment.unmatched), ("skipped (matched through, not compared)", alignment.skipped)):
+        if len(df):
+            t = Table(title=f"{title} ({len(df)})", title_justify="left", header_style="bold")
+            for col in ("side", "name", "op", "reason"):
+                t.add_column(col, overflow="fold")
+            for _, r in df.iterrows():
+                t.add_row(r["side"], r["name"], r["op_type"], r["reason"])
+            parts.append(t)
+    n_float = int((alignment.unmatched["side"] == "float").sum()) if len(alignment.unmatched) else 0
+    parts.append(Text(f"{len(alignment.pairs)} tensor pairs; {n_float} float nodes unmatched"))
+    return Group(*parts)

@@ -30,14 +30,14 @@ import pandas as pd
 
 from qdiff.structs import TensorPair
 
-__all__ = ["CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
+__all__ = ["Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
 
 METRIC_COLUMNS = [
     "cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs",
     "sqnr_db", "sqnr_db_worst", "kl", "kl_worst",
 ]  # fmt: skip
 LAYER_COLUMNS = (
-    ["order", "layer", "op_type", "kind", "float_tensor", "quant_tensor", "match", "quant_node", "shape", "samples"]
+    ["order", "layer", "op_type", "kind", "float_tensor", "quant_tensor", "match", "confidence", "quant_node", "shape", "samples"]
     + METRIC_COLUMNS
     + ["nan_float", "inf_float", "nan_quant", "inf_quant", "note"]
 )
@@ -47,6 +47,7 @@ WEIGHT_COLUMNS = [
     "cosine", "mse", "mae", "max_abs", "sqnr_db", "worst_channel", "worst_channel_cosine",
 ]  # fmt: skip
 UNMATCHED_COLUMNS = ["name", "side", "op_type", "reason"]
+ALIGNMENT_COLUMNS = ["order", "layer", "op_type", "kind", "float_tensor", "quant_tensor", "quant_node", "match", "confidence"]
 
 #: layers with a mean cosine below this are flagged (the threshold many vendor tools use)
 COSINE_THRESHOLD = 0.99
@@ -133,6 +134,39 @@ class CompareResult:
             f"final-output cosine {s['output_cosine']}</p>"
         )
         return head + self.layers.to_html(index=False, max_rows=200)
+
+
+@dataclass
+class Alignment:
+    """How the two graphs were paired (``qdiff match``), without running them.
+
+    Attributes:
+        pairs: one row per tensor pair (ALIGNMENT_COLUMNS), float topological order.
+        unmatched: what could not be paired, and why.
+        skipped: layout nodes only one model has, matched through and not compared.
+        meta: the two models' names and hashes.
+    """
+
+    pairs: pd.DataFrame
+    unmatched: pd.DataFrame
+    skipped: pd.DataFrame
+    meta: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pairs": _records(self.pairs),
+            "unmatched": _records(self.unmatched),
+            "skipped": _records(self.skipped),
+            "meta": self.meta,
+        }
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the alignment as JSON (readable back by ``--map``), atomically."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write the pairs as CSV (readable back by ``--map``), atomically."""
+        write_atomic(path, self.pairs.to_csv(index=False))
 
 
 def _clean(v: Any) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["MatchMethod", "PairKind", "DequantParams", "TensorPair", "WeightPair", "Unmatched", "Matching"]
+__all__ = ["CONFIDENCE", "MatchMethod", "PairKind", "DequantParams", "TensorPair", "WeightPair", "Unmatched", "Matching"]
 
 
 class MatchMethod(str, enum.Enum):
@@ -26,6 +26,18 @@ class MatchMethod(str, enum.Enum):
     NAME = "name"  #: several structural candidates, resolved by node/tensor name
     WEIGHTS = "weights"  #: several structural candidates, resolved by weight similarity
     OUTPUT = "output"  #: a graph output, paired by name (or position)
+    USER = "user"  #: given by the user's tensor map (--map)
+
+
+#: how sure the matcher is of each method's pairs (reported as ``confidence``)
+CONFIDENCE = {
+    MatchMethod.INPUT: 1.0,
+    MatchMethod.STRUCTURE: 1.0,
+    MatchMethod.NAME: 0.9,
+    MatchMethod.WEIGHTS: 0.8,
+    MatchMethod.OUTPUT: 1.0,
+    MatchMethod.USER: 1.0,
+}
 
 
 class PairKind(str, enum.Enum):
@@ -90,6 +102,10 @@ class TensorPair:
     dequant: DequantParams | None = field(default=None, compare=False)
     is_output: bool = False
 
+    @property
+    def confidence(self) -> float:
+        return CONFIDENCE[self.method]
+
 
 @dataclass(frozen=True, eq=False)
 class WeightPair:
@@ -124,3 +140,4 @@ class Matching:
     outputs: tuple[TensorPair, ...]
     weights: tuple[WeightPair, ...]
     unmatched: tuple[Unmatched, ...]
+    skipped: tuple[Unmatched, ...] = ()  #: nodes matched through, not compared (layout ops one side lacks)
