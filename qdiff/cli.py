@@ -55,6 +55,31 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
     c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
 
+    s = sub.add_parser(
+        "sensitivity",
+        help="rank layers by the error they cause (isolated error, fallback gain)",
+        description="Measure each layer's isolated error (the quantized layer fed float activations), the gain of "
+        "keeping it alone in float and the loss of quantizing it alone, and rank the layers.",
+    )
+    s.add_argument("float_model", metavar="FLOAT")
+    s.add_argument("quant_model", metavar="QUANT")
+    s.add_argument("--data", metavar="PATH", help="as for compare")
+    s.add_argument("--samples", type=int, metavar="N")
+    s.add_argument("--batch-size", type=int, default=1, metavar="B")
+    s.add_argument("--seed", type=int, default=0, metavar="S")
+    s.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS")
+    s.add_argument("--provider", default="CPUExecutionProvider", metavar="EP")
+    s.add_argument("--map", metavar="FILE", help="tensor map overriding the matching")
+    s.add_argument("--by", default="isolated", choices=["isolated", "gain", "accumulated", "noise"], help="ranking")
+    s.add_argument("--no-gain", action="store_true", help="skip fallback gain / solo drop (one model pair per layer)")
+    s.add_argument(
+        "--eval", metavar="MODULE:FUNC",
+        help="task metric function(model_path) -> float, higher is better (module:function or file.py:function)",
+    )  # fmt: skip
+    s.add_argument("--top", type=int, metavar="K", help="show only the K most sensitive layers")
+    s.add_argument("--json", metavar="FILE", help='write {"layers": [...], "meta": {...}}')
+    s.add_argument("--csv", metavar="FILE", help="write the layer rows as CSV")
+
     m = sub.add_parser(
         "match",
         help="show how the two graphs are paired, without running them",
@@ -88,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "match":
             return _match(args)
+        if args.command == "sensitivity":
+            return _sensitivity(args)
     except QdiffError as exc:
         print(f"qdiff: error: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +171,41 @@ def _compare(args: argparse.Namespace) -> int:
                 or r["worst_channel_cosine"] is None else f"{r['worst_channel_cosine']:.6f}",
             )  # fmt: skip
         console.print(table)
+    if args.json:
+        result.to_json(args.json)
+    if args.csv:
+        result.to_csv(args.csv)
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qdiff.errors import UsageError
+    from qdiff.render import sensitivity_renderable
+    from qdiff.sensitivity import sensitivity
+
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    for opt in ("csv", "json"):
+        _check_writable(getattr(args, opt), f"--{opt}")
+    with _progress("measuring") as progress:
+        result = sensitivity(
+            args.float_model,
+            args.quant_model,
+            data=args.data,
+            by=args.by,
+            gain=not args.no_gain,
+            eval=args.eval,
+            samples=args.samples,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            input_shapes=args.input_shape,
+            provider=args.provider,
+            tensor_map=args.map,
+            progress=(lambda phase, done, total: progress(done, total)) if progress else None,
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(sensitivity_renderable(result, top=args.top))
     if args.json:
         result.to_json(args.json)
     if args.csv:

@@ -49,6 +49,9 @@ from qdiff.errors import UsageError
 from qdiff.graph import FLOAT_TYPES, Graph, attr_value
 from qdiff.structs import (
     DequantParams,
+    Entry,
+    Member,
+    Region,
     Matching,
     MatchMethod,
     PairKind,
@@ -441,6 +444,7 @@ class _Matcher:
         self.user_map = user_map
         self.skipped: list[Unmatched] = []
         self.skipped_f: set[int] = set()
+        self._pair_source: dict[tuple[str, str], tuple[_SNode, list[_SNode]]] = {}
         self.q2f: dict[str, str] = {}  # quant root -> float root
         self.matched_f: dict[int, tuple[_SNode, list[_SNode], MatchMethod]] = {}  # float idx -> (q, chain, how)
         self.fused: dict[int, int] = {}  # float idx of a fused-away node -> idx of the chain head
@@ -473,7 +477,10 @@ class _Matcher:
         if self.user_map:
             pairs = self._apply_user_map(pairs)
         pairs.sort(key=lambda p: (p.order, p.float_tensor))
-        return Matching(tuple(pairs), tuple(outputs), tuple(weights), tuple(self.unmatched), tuple(self.skipped))
+        regions = self._regions(pairs)
+        return Matching(
+            tuple(pairs), tuple(outputs), tuple(weights), tuple(self.unmatched), tuple(self.skipped), tuple(regions)
+        )
 
     # -- node pairing ---------------------------------------------------------------------------
     def _match_node(self, q: _SNode) -> None:
@@ -737,6 +744,7 @@ class _Matcher:
                     )
                     continue
                 suffix = f":{k}" if len(q.outputs) > 1 else ""
+                self._pair_source[(layer + suffix, froot)] = (q, chain)
                 pairs.append(
                     TensorPair(
                         layer=layer + suffix,
@@ -789,6 +797,87 @@ class _Matcher:
             else:
                 reason = f"no quantized node of type {sn.op} reads the counterparts of its inputs"
             self.unmatched.append(Unmatched(fg.node_label(sn.idx), "float", node.op_type, reason))
+
+    def _regions(self, pairs: list[TensorPair]) -> list[Region]:
+        """For each single-output layer pair, the quantized and float nodes that compute it."""
+        out = []
+        fg, qg = self.fs.g, self.qs.g
+        for i, pair in enumerate(pairs):
+            src = self._pair_source.get((pair.layer, pair.float_tensor))
+            if src is None or pair.method is MatchMethod.USER:
+                continue
+            q, chain = src
+            if len(q.outputs) != 1:
+                continue
+            entries = []
+            for _, qroot in q.act:
+                froot = self.q2f.get(qroot)
+                if froot is None:
+                    break
+                entries.append(self._entry(qroot, froot))
+            else:
+                stops_q = {e.quant_tensor for e in entries}
+                quant_nodes = _backward(qg, pair.quant_tensor, stops_q)
+                float_nodes = _backward(fg, pair.float_tensor, {e.float_tensor for e in entries})
+                if quant_nodes is None or float_nodes is None:
+                    continue
+                members = tuple(
+                    Member(
+                        m,
+                        "quant" if self.qs.domain.get(m) == "quant" else "float",
+                        self.qs.params.get(m),
+                        qg.elem_type(m),
+                    )
+                    for m in self.qs.members[q.outputs[0]]
+                    if self.qs.domain.get(m) in ("quant", "float", "rescaled")
+                )
+                step = None
+                for m in self.qs.members[q.outputs[0]]:
+                    p = self.qs.params.get(m)
+                    if p is not None and not p.per_channel:
+                        step = float(np.asarray(p.scale).reshape(-1)[0])
+                        break
+                n_params = 0
+                for c in chain:
+                    for name in c.consts.values():
+                        v = fg.const_value(name)
+                        if v is not None and v.dtype.kind == "f":
+                            n_params += int(v.size)
+                out.append(
+                    Region(
+                        layer=pair.layer,
+                        pair_index=i,
+                        quant_nodes=tuple(qg.nodes[k] for k in quant_nodes),
+                        float_nodes=tuple(fg.nodes[k] for k in float_nodes),
+                        entries=tuple(entries),
+                        quant_output=pair.quant_tensor,
+                        float_output=pair.float_tensor,
+                        output_dequant=pair.dequant,
+                        members=members,
+                        step=step,
+                        params=n_params,
+                    )
+                )
+        return out
+
+    def _entry(self, qroot: str, froot: str) -> Entry:
+        qs, qg, fg = self.qs, self.qs.g, self.fs.g
+        # the region starts at the group's last float value before any quantization of it
+        # (the pre-Q tensor in QDQ, the rescaled output of an integer op); else at the root
+        pre = [m for m in qs.members.get(qroot, [qroot]) if qs.grade.get(m) == _G_FLOAT and qs.domain.get(m) in ("float", "rescaled")]
+        if pre:
+            qroot = pre[-1]
+        q_et, f_et = qg.elem_type(qroot), fg.elem_type(froot)
+        feed = None
+        members = qs.members.get(qs.root.get(qroot, qroot), [qroot])
+        float_members = [m for m in members if qs.domain.get(m) == "float" and qg.elem_type(m) in (None, f_et)]
+        if float_members:
+            feed = max(float_members, key=lambda m: (qs.grade.get(m, 0), members.index(m)))
+        if qs.domain.get(qroot) == "quant" and qroot in qs.params:
+            return Entry(qroot, froot, "quantize", qs.params[qroot], q_et, feed)
+        if q_et is not None and f_et is not None and q_et != f_et:
+            return Entry(qroot, froot, "cast", None, q_et, feed)
+        return Entry(qroot, froot, "direct", None, q_et, feed or qroot)
 
     def _report_subgraphs(self) -> None:
         """Nodes inside If/Loop/Scan bodies are not tapped: list each with that reason."""
@@ -896,6 +985,28 @@ class _Matcher:
                     )
                 )
         return out
+
+
+def _backward(g: Graph, tensor: str, stops: set[str]) -> list[int] | None:
+    """Indices (topological) of the nodes computing ``tensor`` from ``stops`` and constants.
+
+    None when the walk reaches a graph input that is not among ``stops`` (the region would read
+    more than its entries).
+    """
+    seen: set[int] = set()
+    stack = [tensor]
+    while stack:
+        t = stack.pop()
+        if not t or t in stops or t in g.initializers:
+            continue
+        idx = g.producer.get(t)
+        if idx is None:
+            return None
+        if idx in seen:
+            continue
+        seen.add(idx)
+        stack.extend(x for x in g.nodes[idx].input if x)
+    return sorted(seen)
 
 
 def _subgraph_nodes(g: onnx.GraphProto, prefix: str) -> list[tuple[str, str]]:

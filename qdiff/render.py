@@ -153,3 +153,38 @@ def alignment_renderable(alignment: Any) -> Any:
     n_float = int((alignment.unmatched["side"] == "float").sum()) if len(alignment.unmatched) else 0
     parts.append(Text(f"{len(alignment.pairs)} tensor pairs; {n_float} float nodes unmatched"))
     return Group(*parts)
+
+
+def sensitivity_renderable(result: Any, *, top: int | None = None) -> Any:
+    """A rich renderable of ``qdiff sensitivity``: layers by rank, flagged ones marked."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    meta = result.meta
+    rows = result.layers.head(top) if top else result.layers
+    table = Table(
+        title=f"qdiff sensitivity: {meta['float_model']['name']} vs {meta['quant_model']['name']} — ranked by {meta['by']}",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col in ("rank", "layer", "op", "params", "acc. cos", "isol. cos", "isol. SQNR", "noise ratio", "gain", "solo drop", "flags"):
+        table.add_column(col, justify="left" if col in ("layer", "op", "flags") else "right", no_wrap=col != "flags")
+    for _, r in rows.iterrows():
+        flags = r["flags"] or ""
+        style = "bold red" if "cos<" in flags else None
+        table.add_row(
+            str(r["rank"]), r["layer"], r["op_type"], "-" if r["params"] is None or r["params"] != r["params"] else str(int(r["params"])),
+            _fmt(r["accumulated_cosine"]), _fmt(r["isolated_cosine"]), _fmt(r["isolated_sqnr_db"], 2),
+            _fmt(r["noise_ratio"], 2), _fmt(r["gain"], 6), _fmt(r["solo_drop"], 6), flags, style=style,
+        )  # fmt: skip
+    lines = [
+        f"{meta['samples']} samples; final-output metric: {meta.get('metric', '-')}"
+        + (f", quantized model {_fmt(meta.get('base_metric'))}" if meta.get("base_metric") is not None else "")
+        + (f", float model {_fmt(meta.get('float_metric'))}" if meta.get("float_metric") is not None else ""),
+        "gain: metric with only this layer kept in float minus the quantized model's; solo drop: loss with only this "
+        "layer quantized; noise ratio: isolated MSE / (step²/12)",
+    ]
+    if meta.get("unmeasured"):
+        lines.append(f"no isolated measurement for: {', '.join(meta['unmeasured'])}")
+    return Group(table, Text("\n".join(lines)))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CONFIDENCE", "MatchMethod", "PairKind", "DequantParams", "TensorPair", "WeightPair", "Unmatched", "Matching"]
+__all__ = ["CONFIDENCE", "Entry", "Member", "Region", "MatchMethod", "PairKind", "DequantParams", "TensorPair", "WeightPair", "Unmatched", "Matching"]
 
 
 class MatchMethod(str, enum.Enum):
@@ -132,6 +132,70 @@ class Unmatched:
     reason: str
 
 
+@dataclass(frozen=True, eq=False)
+class Entry:
+    """Where a quantized layer's region reads an activation, and how to feed it a float tensor.
+
+    Attributes:
+        quant_tensor: the tensor the region reads in the quantized model.
+        float_tensor: the float model's tensor with the same values.
+        convert: ``"direct"`` (same type), ``"cast"`` (to ``elem_type``, FP16 models) or
+            ``"quantize"`` (QuantizeLinear with ``params``, integer tensors of QOperator models).
+        params: scale/zero point for ``"quantize"``.
+        elem_type: onnx element type of ``quant_tensor``.
+        feed_tensor: the quantized model's float-domain tensor of that group (what a float layer
+            put in place of the quantized one reads), or None if it must be dequantized.
+    """
+
+    quant_tensor: str
+    float_tensor: str
+    convert: str
+    params: DequantParams | None = None
+    elem_type: int | None = None
+    feed_tensor: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Member:
+    """A tensor of a quantized layer's output group and what it holds."""
+
+    name: str
+    domain: str  #: "float" or "quant"
+    params: DequantParams | None = None
+    elem_type: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Region:
+    """The nodes that compute one quantized layer, for shadow and edited models.
+
+    Attributes:
+        layer: the layer name (as in the TensorPair).
+        pair_index: index of the layer's TensorPair in ``Matching.pairs``.
+        quant_nodes: quantized nodes from the entries to the tapped output (topological order),
+            including input Q/DQ, weight DequantizeLinear and output Q/DQ.
+        float_nodes: float nodes from the entries to the layer's output, with constant producers.
+        entries: the activations the region reads.
+        quant_output: the tapped quantized tensor; ``output_dequant`` its scale if integer.
+        float_output: the float layer's output tensor.
+        members: every tensor of the quantized output group (what downstream nodes read).
+        step: the output quantization step (scale), None when the output is not quantized.
+        params: number of weight parameters of the float layer.
+    """
+
+    layer: str
+    pair_index: int
+    quant_nodes: tuple
+    float_nodes: tuple
+    entries: tuple[Entry, ...]
+    quant_output: str
+    float_output: str
+    output_dequant: DequantParams | None
+    members: tuple[Member, ...]
+    step: float | None
+    params: int
+
+
 @dataclass(frozen=True)
 class Matching:
     """Everything the matcher found: pairs to tap, weights to compare, and what it could not pair."""
@@ -141,3 +205,4 @@ class Matching:
     weights: tuple[WeightPair, ...]
     unmatched: tuple[Unmatched, ...]
     skipped: tuple[Unmatched, ...] = ()  #: nodes matched through, not compared (layout ops one side lacks)
+    regions: tuple[Region, ...] = ()  #: per layer pair, the nodes computing it (for sensitivity)

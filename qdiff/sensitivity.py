@@ -1,0 +1,433 @@
+"""``sensitivity``: which layers *cause* the quantization error, not only where it shows up.
+
+Three measures per layer, and a yardstick:
+
+* **accumulated** error — both models on their own activations (what ``compare`` shows); it grows
+  along the graph, so deep layers always look worst.
+* **isolated** error — the quantized layer (its input Q/DQ, quantized weights and output
+  quantization) fed the *float* model's activations, against the float layer. All layers are
+  measured in one streaming pass through one *shadow* model (the float model plus a copy of every
+  quantized layer wired to float inputs, :mod:`qdiff.shadow`).
+* **fallback gain** — the final-output metric when only this layer is kept in float (all others
+  quantized) minus the metric of the quantized model; and ``solo_drop``, the loss when only this
+  layer is quantized. Both come from editing the models (never re-running the quantizer).
+* **noise ratio** — the isolated MSE over the error uniform rounding alone gives at the layer's
+  output scale (step²/12). Near 1: the layer is merely coarse. Far above: clipping, a bad range or
+  a kernel problem.
+
+The final-output metric is the mean cosine of the final outputs against the float model's, or a
+task metric: ``eval(model_path) -> float`` (higher is better) owning its own data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pandas as pd
+
+from qdiff import metrics
+from qdiff.compare import _meta, _real, load_tensor_map
+from qdiff.errors import UsageError
+from qdiff.graph import Graph, ModelLike, load_model
+from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
+from qdiff.matching import match_models
+from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
+from qdiff.runner import (
+    SessionFactory,
+    SessionOptions,
+    default_session_factory,
+    feed_for,
+    open_session,
+    resolve_provider,
+    tap_model,
+)
+from qdiff.shadow import build_shadow, keep_float, quantize_only
+from qdiff.structs import Region
+
+__all__ = ["sensitivity", "SensitivityResult", "load_eval", "SENSITIVITY_COLUMNS", "RANK_BY"]
+
+log = logging.getLogger(__name__)
+
+SENSITIVITY_COLUMNS = [
+    "rank", "layer", "op_type", "order", "params", "accumulated_cosine", "accumulated_sqnr_db",
+    "isolated_cosine", "isolated_sqnr_db", "isolated_mse", "noise_floor", "noise_ratio", "gain",
+    "keep_float_metric", "solo_drop", "flags", "note",
+]  # fmt: skip
+
+#: how each ``by`` ranks: column and whether ascending puts the most sensitive first
+RANK_BY = {
+    "isolated": ("isolated_cosine", True),
+    "gain": ("gain", False),
+    "accumulated": ("accumulated_cosine", True),
+    "noise": ("noise_ratio", False),
+}
+
+#: layers with fewer weight parameters than this are flagged "small"
+SMALL_LAYER_PARAMS = 1024
+
+#: edited models run together in one pass over the data
+_GROUP = 8
+
+EvalFn = Callable[[str], float]
+Progress = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class SensitivityResult:
+    """Per-layer sensitivity.
+
+    Attributes:
+        layers: one row per layer (SENSITIVITY_COLUMNS), sorted by ``rank``.
+        meta: what reproduces the run, plus ``by``, ``metric``, ``base_metric``, ``float_metric``.
+    """
+
+    layers: pd.DataFrame
+    meta: dict[str, Any]
+
+    def top(self, k: int = 5) -> pd.DataFrame:
+        return self.layers.head(k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": _records(self.layers), "meta": self.meta}
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """``{"layers": [...], "meta": {...}}`` as strict JSON, atomically."""
+        import json
+
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        write_atomic(path, self.layers.to_csv(index=False))
+
+    def __rich__(self) -> Any:
+        from qdiff.render import sensitivity_renderable
+
+        return sensitivity_renderable(self)
+
+
+def load_eval(spec: str | EvalFn | None) -> EvalFn | None:
+    """Resolve ``module:function`` or ``path/to/file.py:function`` to the callable.
+
+    Raises:
+        UsageError: the module, file or function cannot be found.
+    """
+    if spec is None or callable(spec):
+        return spec
+    target, sep, name = str(spec).rpartition(":")
+    if not sep or not target or not name:
+        raise UsageError(f"--eval '{spec}' is not MODULE:FUNCTION or FILE.py:FUNCTION")
+    try:
+        if target.endswith(".py") or os.sep in target:
+            path = Path(target)
+            if not path.is_file():
+                raise UsageError(f"--eval file '{target}' does not exist")
+            module_name = f"qdiff_eval_{abs(hash(str(path.resolve())))}"
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            assert loader_spec is not None and loader_spec.loader is not None
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[module_name] = module
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except UsageError:
+        raise
+    except ImportError as exc:
+        raise UsageError(f"--eval cannot import '{target}': {exc}") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"--eval: '{target}' has no function '{name}'")
+    return fn
+
+
+def sensitivity(
+    float_model: ModelLike,
+    quant_model: ModelLike,
+    data: DataLike = None,
+    *,
+    by: str = "isolated",
+    gain: bool = True,
+    eval: str | EvalFn | None = None,  # noqa: A002 - the documented name of the option
+    samples: int | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    input_shapes: Mapping[str, Any] | list[str] | None = None,
+    provider: str = "CPUExecutionProvider",
+    session_factory: SessionFactory | None = None,
+    tensor_map: Mapping[str, str] | str | None = None,
+    progress: Progress | None = None,
+) -> SensitivityResult:
+    """Rank the layers of a quantized model by how much error they cause.
+
+    Args:
+        float_model: the reference model (path or ModelProto).
+        quant_model: the quantized model.
+        data: as for :func:`qdiff.compare`.
+        by: ``isolated``, ``gain``, ``accumulated`` or ``noise`` — the ranking column.
+        gain: measure fallback gain and solo drop (one edited model pair per layer).
+        eval: a task metric, ``function(model_path) -> float`` (higher is better), or its
+            ``module:function`` / ``file.py:function`` name; replaces the final-output cosine
+            for gain and solo drop.
+        samples, batch_size, seed, input_shapes, provider, session_factory, tensor_map: as for
+            :func:`qdiff.compare`.
+        progress: called as ``progress(phase, done, total)``.
+
+    Returns:
+        A :class:`SensitivityResult`.
+    """
+    if by not in RANK_BY:
+        raise UsageError(f"--by must be one of {', '.join(RANK_BY)}, got '{by}'")
+    if by == "gain" and not gain:
+        raise UsageError("ranking by gain needs the gain measurement; drop --no-gain")
+    eval_fn = load_eval(eval)
+    started = time.perf_counter()
+    f_loaded = load_model(float_model, role="float model")
+    q_loaded = load_model(quant_model, role="quantized model")
+    if session_factory is None:
+        options = SessionOptions(provider=resolve_provider(provider))
+        session_factory = default_session_factory(options)
+    else:
+        options = SessionOptions(provider="custom session factory")
+    fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
+    f_specs = input_specs(fg)
+    check_same_inputs(f_specs, input_specs(qg), f_loaded.label, q_loaded.label)
+    shapes = parse_input_shapes(input_shapes)
+
+    def source():
+        return make_source(data, f_specs, samples=samples, batch_size=batch_size, seed=seed, input_shapes=shapes)
+
+    first_source = source()
+    if isinstance(tensor_map, (str, os.PathLike)):
+        tensor_map = load_tensor_map(tensor_map)
+    matching = match_models(fg, qg, tensor_map)
+    pairs = [p for p in matching.pairs if p.kind.value != "input"]
+    regions = list(matching.regions)
+    outputs = list(matching.outputs)
+
+    shadow, iso_taps = build_shadow(f_loaded.proto, q_loaded.proto, regions)
+    f_taps = list(dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs]))
+    q_taps = list(dict.fromkeys([p.quant_tensor for p in pairs] + [o.quant_tensor for o in outputs]))
+    shadow_taps = list(dict.fromkeys(f_taps + list(iso_taps.values())))
+    s_sess, notes = open_session(session_factory, tap_model(shadow, shadow_taps), f"shadow of {f_loaded.label}")
+    q_sess, notes_q = open_session(session_factory, tap_model(q_loaded.proto, q_taps), q_loaded.label)
+    notes += notes_q
+
+    acc = {p.layer: metrics.TensorAccumulator() for p in pairs}
+    iso = {r.layer: metrics.TensorAccumulator() for r in regions}
+    for b, batch in enumerate(first_source):
+        s_vals = dict(zip(shadow_taps, s_sess.run(shadow_taps, feed_for(s_sess, batch))))
+        q_vals = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
+        for p in pairs:
+            ref, cand = s_vals[p.float_tensor], _real(q_vals[p.quant_tensor], p)
+            if np.size(ref) == np.size(cand):
+                acc[p.layer].update(ref, cand)
+        for r in regions:
+            ref, cand = s_vals[r.float_output], s_vals[iso_taps[r.layer]]
+            if r.output_dequant is not None and np.asarray(cand).dtype.kind in "iu":
+                cand = r.output_dequant.dequantize(cand)
+            if np.size(ref) == np.size(cand):
+                iso[r.layer].update(ref, cand)
+        if progress is not None:
+            progress("isolated", b + 1, first_source.count)
+    del s_sess, q_sess
+    if first_source.batches == 0:
+        from qdiff.errors import DataError
+
+        raise DataError(f"{first_source.description} produced no samples; nothing was measured")
+
+    gains: dict[str, tuple[float | None, float | None]] = {}
+    metric_meta: dict[str, Any] = {}
+    if gain and regions:
+        if eval_fn is not None:
+            gains, metric_meta = _gains_eval(f_loaded.proto, q_loaded.proto, regions, eval_fn, progress)
+        else:
+            gains, metric_meta = _gains_cosine(
+                f_loaded.proto, q_loaded.proto, regions, outputs, session_factory, source, progress
+            )
+
+    layers = _table(pairs, regions, acc, iso, gains, by, metric_meta.get("keep_float_metric", {}))
+    meta = _meta(
+        f_loaded, q_loaded, options, first_source, seed, batch_size, notes, None,
+        time.perf_counter() - started, 0.0, matching,
+    )  # fmt: skip
+    meta.pop("tapped_vs_deployed_max_abs", None)
+    meta.pop("inference_seconds", None)
+    meta.update({"by": by, "cosine_threshold": COSINE_THRESHOLD, "small_layer_params": SMALL_LAYER_PARAMS})
+    meta.update(metric_meta)
+    meta["unmeasured"] = [p.layer for p in pairs if p.layer not in iso]
+    return SensitivityResult(layers, meta)
+
+
+def _gains_cosine(
+    fp: onnx.ModelProto,
+    qp: onnx.ModelProto,
+    regions: list[Region],
+    outputs: list,
+    factory: SessionFactory,
+    source: Callable[[], Any],
+    progress: Progress | None,
+) -> tuple[dict[str, tuple[float | None, float | None]], dict[str, Any]]:
+    """Mean final-output cosine of each edited model, in groups of sessions run together."""
+    f_sess, _ = open_session(factory, fp, "float model")
+    base_sess, _ = open_session(factory, qp, "quantized model")
+    names_f = [o.float_tensor for o in outputs]
+    names_q = [o.quant_tensor for o in outputs]
+    base = [metrics.TensorAccumulator() for _ in outputs]
+    keep: dict[str, list[metrics.TensorAccumulator]] = {}
+    solo: dict[str, list[metrics.TensorAccumulator]] = {}
+    failed: dict[str, str] = {}
+    total = len(regions)
+    done = 0
+    for start in range(0, total, _GROUP):
+        group = regions[start : start + _GROUP]
+        sessions = []
+        for r in group:
+            try:
+                ks, _ = open_session(factory, keep_float(qp, fp, r), f"{r.layer} kept in float")
+                ss, _ = open_session(factory, quantize_only(fp, qp, r), f"{r.layer} quantized alone")
+            except Exception as exc:  # an edit onnxruntime rejects: report it for that layer
+                failed[r.layer] = f"edited model did not load: {str(exc).splitlines()[0][:200]}"
+                continue
+            sessions.append((r, ks, ss))
+            keep[r.layer] = [metrics.TensorAccumulator() for _ in outputs]
+            solo[r.layer] = [metrics.TensorAccumulator() for _ in outputs]
+        for batch in source():
+            ref = f_sess.run(names_f, feed_for(f_sess, batch))
+            if start == 0:
+                for k, v in enumerate(base_sess.run(names_q, feed_for(base_sess, batch))):
+                    base[k].update(ref[k], v)
+            for r, ks, ss in sessions:
+                for k, v in enumerate(ks.run(names_q, feed_for(ks, batch))):
+                    keep[r.layer][k].update(ref[k], v)
+                for k, v in enumerate(ss.run(names_f, feed_for(ss, batch))):
+                    solo[r.layer][k].update(ref[k], v)
+        done += len(group)
+        if progress is not None:
+            progress("gain", done, total)
+    base_metric = _mean_cosine(base)
+    out: dict[str, tuple[float | None, float | None]] = {}
+    for r in regions:
+        if r.layer in failed:
+            out[r.layer] = (None, None)
+            continue
+        k, s = _mean_cosine(keep[r.layer]), _mean_cosine(solo[r.layer])
+        out[r.layer] = (
+            None if k is None or base_metric is None else k - base_metric,
+            None if s is None else 1.0 - s,
+        )
+    keep_metric = {r.layer: _mean_cosine(keep[r.layer]) for r in regions if r.layer in keep}
+    return out, {
+        "metric": "final-output cosine",
+        "base_metric": base_metric,
+        "float_metric": 1.0,
+        "keep_float_metric": keep_metric,
+        "gain_failures": failed,
+    }
+
+
+def _mean_cosine(accs: list[metrics.TensorAccumulator]) -> float | None:
+    vals = [a.result().cosine for a in accs]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _gains_eval(
+    fp: onnx.ModelProto, qp: onnx.ModelProto, regions: list[Region], eval_fn: EvalFn, progress: Progress | None
+) -> tuple[dict[str, tuple[float | None, float | None]], dict[str, Any]]:
+    """Task metric of each edited model: the user's function is called with a model path."""
+    out: dict[str, tuple[float | None, float | None]] = {}
+    keep_metric: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="qdiff-eval-") as tmp:
+
+        def score(model: onnx.ModelProto, name: str) -> float:
+            path = os.path.join(tmp, f"{name}.onnx")
+            onnx.save(model, path)
+            value = float(eval_fn(path))
+            if not math.isfinite(value):
+                raise UsageError(f"--eval returned {value} for {name}; it must return a finite number")
+            return value
+
+        float_metric = score(fp, "float")
+        base_metric = score(qp, "quantized")
+        for k, r in enumerate(regions):
+            kept = score(keep_float(qp, fp, r), f"keep_float_{k}")
+            alone = score(quantize_only(fp, qp, r), f"quantize_only_{k}")
+            keep_metric[r.layer] = kept
+            out[r.layer] = (kept - base_metric, float_metric - alone)
+            if progress is not None:
+                progress("gain", k + 1, len(regions))
+    return out, {
+        "metric": getattr(eval_fn, "__name__", "eval"),
+        "base_metric": base_metric,
+        "float_metric": float_metric,
+        "keep_float_metric": keep_metric,
+    }
+
+
+def _table(pairs, regions, acc, iso, gains, by, keep_metric) -> pd.DataFrame:
+    by_layer = {r.layer: r for r in regions}
+    compute = [p for p in pairs if p.layer in by_layer and by_layer[p.layer].params > 0]
+    first = compute[0].layer if compute else None
+    last = compute[-1].layer if compute else None
+    rows = []
+    for p in pairs:
+        a = acc[p.layer].result()
+        r = by_layer.get(p.layer)
+        i = iso[p.layer].result() if p.layer in iso else None
+        floor = r.step**2 / 12 if r is not None and r.step else None
+        iso_mse = i.mse if i is not None else None
+        g = gains.get(p.layer, (None, None))
+        flags = []
+        worst_cos = min(x for x in (a.cosine, i.cosine if i else None, 1.0) if x is not None)
+        if worst_cos < COSINE_THRESHOLD:
+            flags.append(f"cos<{COSINE_THRESHOLD}")
+        if p.layer == first:
+            flags.append("first")
+        if p.layer == last:
+            flags.append("last")
+        if r is not None and 0 < r.params < SMALL_LAYER_PARAMS:
+            flags.append("small")
+        note = ""
+        if r is None:
+            note = "no isolated measurement (layer region not separable)"
+        rows.append(
+            {
+                "rank": 0,
+                "layer": p.layer,
+                "op_type": p.op_type,
+                "order": p.order,
+                "params": r.params if r is not None else None,
+                "accumulated_cosine": a.cosine,
+                "accumulated_sqnr_db": a.sqnr_db,
+                "isolated_cosine": i.cosine if i else None,
+                "isolated_sqnr_db": i.sqnr_db if i else None,
+                "isolated_mse": iso_mse,
+                "noise_floor": floor,
+                "noise_ratio": (iso_mse / floor) if floor and iso_mse is not None else None,
+                "gain": g[0],
+                "keep_float_metric": keep_metric.get(p.layer),
+                "solo_drop": g[1],
+                "flags": ",".join(flags),
+                "note": note,
+            }
+        )
+    df = pd.DataFrame(rows, columns=SENSITIVITY_COLUMNS)
+    for col in SENSITIVITY_COLUMNS:
+        if col not in ("layer", "op_type", "flags", "note", "rank", "order", "params"):
+            df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    col, ascending = RANK_BY[by]
+    df = df.sort_values([col, "order"], ascending=[ascending, True], na_position="last", kind="stable")
+    df["rank"] = range(1, len(df) + 1)
+    return df.reset_index(drop=True)
