@@ -50,6 +50,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT / "sample_models"
 CONFIGS = ("floor", "compare", "qdq_loss_debug")
+# diagnostics, run only when named in --configs:
+#   compare_nospin  qdiff.compare with onnxruntime's intra-op thread spinning turned off
+#   compare_blas1   qdiff.compare in a child whose numpy BLAS (OpenBLAS/MKL/OpenMP) has one thread
+EXTRA_CONFIGS = ("compare_nospin", "compare_blas1")
+ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 ALL_CASES = ("digits", "transformer", "midcnn")
 IR_VERSION = 10  # onnxruntime <= 1.31 refuses IR 11+; onnx 1.23 writes newer by default
 DATA_SEED = 20240611
@@ -219,8 +224,21 @@ def run_child(spec: dict) -> dict:
             f_sess.run(None, feed)
             q_sess.run(None, feed)
         extra["inference_s"] = time.perf_counter() - t_run
-    elif config == "compare":
+    elif config in ("compare", "compare_blas1"):  # compare_blas1: the parent set the environment
         result = qdiff.compare(fpath, qpath, data={"input": x})
+        extra["inference_s"] = result.meta["inference_seconds"]
+        extra["pairs"] = result.meta["pairs"]
+        extra["samples_seen"] = result.meta["samples"]
+        del result
+    elif config == "compare_nospin":
+
+        def factory(model):
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+
+        result = qdiff.compare(fpath, qpath, data={"input": x}, session_factory=factory)
         extra["inference_s"] = result.meta["inference_seconds"]
         extra["pairs"] = result.meta["pairs"]
         extra["samples_seen"] = result.meta["samples"]
@@ -274,38 +292,76 @@ def probe_qdq_bytes_per_sample(fpath: str, qpath: str, case: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def spawn(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+def runnable_others() -> int | None:
+    """Tasks runnable right now besides the one reading (Linux /proc/loadavg), else None."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+        with open("/proc/loadavg") as fh:
+            return max(0, int(fh.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_quiet(max_wait: float) -> bool:
+    """Wait up to ``max_wait`` s for 1 s without other runnable tasks; True if it got one."""
+    if max_wait <= 0 or runnable_others() is None:
+        return runnable_others() in (0, None)
+    deadline, streak = time.monotonic() + max_wait, 0
+    while time.monotonic() < deadline:
+        streak = streak + 1 if runnable_others() == 0 else 0
+        if streak >= 5:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def spawn(spec: dict, timeout: float, quiet_wait: float) -> dict:
+    quiet = wait_quiet(quiet_wait)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    env = {**os.environ, **ONE_THREAD_ENV} if spec["config"] == "compare_blas1" else None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
     except subprocess.TimeoutExpired:
         return {"status": f"timeout ({timeout:.0f} s)"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"status": f"failed (rc {proc.returncode}): {tail[0][:200]}"}
-    return {"status": "ok", **json.loads(lines[-1])}
+    return {"status": "ok", "quiet_start": quiet, **json.loads(lines[-1])}
 
 
-def measure(spec: dict, repeat: int, timeout: float) -> dict:
-    runs = [spawn(spec, timeout) for _ in range(repeat)]
+def measure(spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: float) -> dict:
+    """Run a configuration up to ``repeat`` times (fewer once ``budget`` s are spent).
+
+    Wall time: the minimum over runs (the least disturbed one; other load on the machine only ever
+    adds time), median and all runs kept too. Peak RSS: the median.
+    """
+    runs: list[dict] = []
+    spent = 0.0
+    for _ in range(max(1, repeat)):
+        r = spawn(spec, timeout, quiet_wait)
+        runs.append(r)
+        if r["status"] != "ok":
+            break
+        spent += r["seconds"]
+        if spent > budget:
+            break
     ok = [r for r in runs if r["status"] == "ok"]
     if not ok:
         return {"status": runs[0]["status"]}
+    best = min(ok, key=lambda r: r["seconds"])
     agg = {
         "status": "ok",
-        "seconds": statistics.median(r["seconds"] for r in ok),
+        "seconds": best["seconds"],
+        "seconds_median": statistics.median(r["seconds"] for r in ok),
         "seconds_all": [round(r["seconds"], 4) for r in ok],
-        "cpu_s": statistics.median(r["cpu_s"] for r in ok),
+        "cpu_s": best["cpu_s"],
         "peak_mb": statistics.median(r["peak_mb"] for r in ok),
         "base_mb": statistics.median(r["base_mb"] for r in ok),
+        "runs_started_on_busy_machine": sum(not r["quiet_start"] for r in ok),
     }
-    for key in ("inference_s",):
-        if key in ok[0]:
-            agg[key] = statistics.median(r[key] for r in ok)
-    for key in ("pairs", "samples_seen", "activations_matched", "tensors_kept"):
-        if key in ok[0]:
-            agg[key] = ok[0][key]
+    for key in ("inference_s", "pairs", "samples_seen", "activations_matched", "tensors_kept"):
+        if key in best:
+            agg[key] = best[key]
     return agg
 
 
@@ -339,36 +395,42 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
-def table(rows: list[dict]) -> str:
-    head = (
-        "| case | samples | floor s | compare s | compare/floor time | floor peak MB | compare peak MB "
-        "| compare/floor peak | qdq_loss_debug s | qdq/floor time | qdq_loss_debug peak MB | qdq/floor peak |"
-    )
-    out = [head, "|" + "---|" * 2 + "---:|" * 10]
+SHORT = {"compare": "compare", "qdq_loss_debug": "qdq", "compare_nospin": "nospin", "compare_blas1": "blas1"}
+
+
+def table(rows: list[dict], configs: list[str]) -> str:
+    others = [c for c in configs if c != "floor"]
+    head = ["case", "samples", "floor s"]
+    for c in others[:1]:
+        head += [f"{c} s", f"{SHORT[c]}/floor time"]
+    head += ["floor peak MB"]
+    for c in others[:1]:
+        head += [f"{c} peak MB", f"{SHORT[c]}/floor peak"]
+    for c in others[1:]:
+        head += [f"{c} s", f"{SHORT[c]}/floor time", f"{c} peak MB", f"{SHORT[c]}/floor peak"]
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
-        fl, cm, qd = r["floor"], r["compare"], r.get("qdq_loss_debug")
+        fl = r["floor"]
+        f_ok = fl.get("status") == "ok"
 
         def cells(m):
             if m is None:
                 return ["–"] * 4
             if m["status"] != "ok":
                 return [m["status"], "–", "–", "–"]
-            t = m["seconds"] / fl["seconds"] if fl.get("status") == "ok" else None
-            p = m["peak_mb"] / fl["peak_mb"] if fl.get("status") == "ok" else None
+            t = m["seconds"] / fl["seconds"] if f_ok else None
+            p = m["peak_mb"] / fl["peak_mb"] if f_ok else None
             return [_f(m["seconds"], ".3f"), _f(t, ".2f") + "x", _f(m["peak_mb"], ".0f"), _f(p, ".2f") + "x"]
 
-        f_ok = fl.get("status") == "ok"
-        c = cells(cm)
-        q = cells(qd)
-        out.append(
-            "| " + " | ".join([
-                r["case"], str(r["samples"]),
-                _f(fl["seconds"], ".3f") if f_ok else fl["status"],
-                c[0], c[1],
-                _f(fl["peak_mb"], ".0f") if f_ok else "–",
-                c[2], c[3], q[0], q[1], q[2], q[3],
-            ]) + " |"
-        )  # fmt: skip
+        line = [r["case"], str(r["samples"]), _f(fl["seconds"], ".3f") if f_ok else fl["status"]]
+        for c in others[:1]:
+            line += cells(r.get(c))[:2]
+        line += [_f(fl["peak_mb"], ".0f") if f_ok else "–"]
+        for c in others[:1]:
+            line += cells(r.get(c))[2:]
+        for c in others[1:]:
+            line += cells(r.get(c))
+        out.append("| " + " | ".join(line) + " |")
     return "\n".join(out)
 
 
@@ -376,8 +438,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma list of {', '.join(ALL_CASES)}")
     ap.add_argument("--samples", default="8,64,512", help="comma list of sample counts")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)} (floor always runs)")
-    ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration; median reported (default 3)")
+    ap.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help=f"comma list of {', '.join(CONFIGS + EXTRA_CONFIGS)} (floor always runs; default: {', '.join(CONFIGS)})",
+    )
+    ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration; fastest reported (default 3)")
+    ap.add_argument("--repeat-budget", type=float, default=30, help="stop repeating a configuration after this many seconds of runs")
+    ap.add_argument("--quiet-wait", type=float, default=10, help="before each run, wait up to this long for no other runnable tasks")
     ap.add_argument("--qdq-max-samples", type=int, default=None, help="skip qdq_loss_debug above this many samples")
     ap.add_argument("--qdq-max-mb", type=float, default=8192, help="skip qdq_loss_debug when it would keep more than this (MB)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per child process")
@@ -393,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     counts = [int(s) for s in args.samples.split(",") if s.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = set(cases) - set(ALL_CASES) or set(configs) - set(CONFIGS)
+    unknown = (set(cases) - set(ALL_CASES)) | (set(configs) - set(CONFIGS) - set(EXTRA_CONFIGS))
     if unknown:
         raise SystemExit(f"unknown: {', '.join(sorted(unknown))}")
     if "floor" not in configs:
@@ -409,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     load_start = _loadavg()
-    if load_start is not None and load_start > 0.5:
-        print(f"warning: 1-min load average is {load_start:.2f} before starting; timings will be noisy", file=sys.stderr)
+    if not wait_quiet(args.quiet_wait):
+        print("warning: other tasks keep running on this machine; timings will be noisy", file=sys.stderr)
     rows: list[dict] = []
     try:
         for case in cases:
@@ -432,16 +500,21 @@ def main(argv: list[str] | None = None) -> int:
                             row[config] = {"status": f"skipped (would keep ~{est_mb:.0f} MB)"}
                             continue
                     spec = {"case": case, "samples": n, "config": config, "float": fpath, "quant": qpath}
-                    row[config] = measure(spec, args.repeat, args.timeout)
+                    row[config] = measure(spec, args.repeat, args.timeout, args.quiet_wait, args.repeat_budget)
                     m = row[config]
-                    msg = f"{m['seconds']:.3f} s, peak {m['peak_mb']:.0f} MB" if m["status"] == "ok" else m["status"]
+                    msg = (
+                        f"{m['seconds']:.3f} s (runs {m['seconds_all']}, {m['runs_started_on_busy_machine']} on a busy machine), "
+                        f"peak {m['peak_mb']:.0f} MB"
+                        if m["status"] == "ok"
+                        else m["status"]
+                    )
                     print(f"[{case} n={n}] {config:15s} {msg}", file=sys.stderr)
                 rows.append(row)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
-    text = table(rows)
+    text = table(rows, configs)
     print(text)
     if args.json_out:
         doc = {

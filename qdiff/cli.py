@@ -80,6 +80,50 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="FILE", help='write {"layers": [...], "meta": {...}}')
     s.add_argument("--csv", metavar="FILE", help="write the layer rows as CSV")
 
+    cfg = sub.add_parser("config", help="quantization configs")
+    cfg_sub = cfg.add_subparsers(dest="config_command", parser_class=_Parser)
+    ci = cfg_sub.add_parser("init", help="write a config listing every quantizable layer with its defaults")
+    ci.add_argument("float_model", metavar="FLOAT")
+    ci.add_argument("-o", "--output", required=True, metavar="FILE")
+    ci.add_argument("--per-tensor", action="store_true", help="weights per-tensor (default per-channel)")
+    ci.add_argument("--format", choices=["QDQ", "QOperator"], default="QDQ")
+
+    qz = sub.add_parser("quantize", help="quantize with onnxruntime as a config says")
+    qz.add_argument("float_model", metavar="FLOAT")
+    qz.add_argument("--config", metavar="FILE", help="config JSON (default: every layer quantized)")
+    qz.add_argument("--calib", required=True, metavar="DATA", help="calibration data (.npz or folder)")
+    qz.add_argument("-o", "--output", required=True, metavar="INT8.onnx")
+
+    fb = sub.add_parser(
+        "fallback",
+        help="keep the fewest layers in float that meet an accuracy target",
+        description="quantize -> measure -> rank layers by fallback gain -> disable the most sensitive -> "
+        "re-quantize, until the target holds; then prune. Writes OUTDIR/config.json, model.int8.onnx, history.csv.",
+    )
+    fb.add_argument("float_model", metavar="FLOAT")
+    fb.add_argument("--calib", required=True, metavar="DATA")
+    fb.add_argument("--eval-data", metavar="DATA", help="data for the cosine target and the ranking (default: --calib)")
+    fb.add_argument("--target", required=True, metavar="EXPR", help="'cosine>=0.99' or 'metric_drop<=0.01' (with --eval)")
+    fb.add_argument("--eval", metavar="MODULE:FUNC", help="task metric function(model_path) -> float, higher is better")
+    fb.add_argument("--config", metavar="FILE", help="starting config (default: every layer quantized)")
+    fb.add_argument("--max-float-layers", type=int, metavar="N")
+    fb.add_argument("--samples", type=int, default=64, metavar="N", help="eval samples per measurement (default 64)")
+    fb.add_argument("-o", "--outdir", default="qdiff-fallback", metavar="OUTDIR")
+    fb.add_argument("--resume", action="store_true", help="continue from OUTDIR/config.json")
+
+    cs = sub.add_parser("calib-sweep", help="quantize with each calibration method and keep the best per layer")
+    cs.add_argument("float_model", metavar="FLOAT")
+    cs.add_argument("--calib", required=True, metavar="DATA")
+    cs.add_argument("--eval-data", metavar="DATA")
+    cs.add_argument("--config", metavar="FILE")
+    cs.add_argument("--samples", type=int, default=32, metavar="N")
+    cs.add_argument("-o", "--output", required=True, metavar="FILE", help="the config with per-layer methods")
+
+    ex = sub.add_parser("export", help="the skip list (quant_enable=false) for another tool")
+    ex.add_argument("config", metavar="CONFIG")
+    ex.add_argument("--to", required=True, choices=["ort", "mnn", "nncf", "tflite"])
+    ex.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+
     m = sub.add_parser(
         "match",
         help="show how the two graphs are paired, without running them",
@@ -115,6 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _match(args)
         if args.command == "sensitivity":
             return _sensitivity(args)
+        if args.command == "config":
+            return _config(args, parser)
+        if args.command == "quantize":
+            return _quantize(args)
+        if args.command == "fallback":
+            return _fallback(args)
+        if args.command == "calib-sweep":
+            return _calib_sweep(args)
+        if args.command == "export":
+            return _export(args)
     except QdiffError as exc:
         print(f"qdiff: error: {exc}", file=sys.stderr)
         return 2
@@ -210,6 +264,117 @@ def _sensitivity(args: argparse.Namespace) -> int:
         result.to_json(args.json)
     if args.csv:
         result.to_csv(args.csv)
+    return 0
+
+
+def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from qdiff.config import save_config
+    from qdiff.quantize import init_config
+
+    if args.config_command != "init":
+        print("qdiff: error: use 'qdiff config init FLOAT -o config.json'", file=sys.stderr)
+        return 2
+    _check_writable(args.output, "-o")
+    config = init_config(args.float_model, quant_format=args.format)
+    config.weight_quant_params["per_channel"] = not args.per_tensor
+    save_config(config, args.output)
+    print(f"wrote {args.output}: {len(config.layers)} quantizable layers, all enabled")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from qdiff.config import load_config
+    from qdiff.quantize import init_config, quantize
+
+    _check_writable(args.output, "-o")
+    config = load_config(args.config) if args.config else init_config(args.float_model)
+    report = quantize(args.float_model, config, args.calib, args.output)
+    print(
+        f"wrote {report.path}: {report.size_bytes} bytes (float {report.float_size_bytes}), "
+        f"{len(report.excluded)} layer(s) left in float, {report.calibration_samples} calibration samples"
+    )
+    for w in report.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
+def _fallback(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from qdiff.errors import UsageError
+    from qdiff.fallback import fallback
+    from qdiff.render import fallback_renderable
+
+    out = Path(args.outdir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {args.outdir} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {args.outdir}: folder '{out.parent}' does not exist")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    with _progress("fallback") as progress:
+        try:
+            result = fallback(
+                args.float_model,
+                args.calib,
+                target=args.target,
+                eval=args.eval,
+                eval_data=args.eval_data,
+                config=args.config,
+                max_float_layers=args.max_float_layers,
+                outdir=out,
+                resume=args.resume,
+                samples=args.samples,
+                progress=(lambda n, v: progress(n, None)) if progress else None,
+            )
+        except KeyboardInterrupt:
+            print(f"qdiff: interrupted; the best result so far is in {out}", file=sys.stderr)
+            return 130
+    console.print(fallback_renderable(result))
+    return 0 if result.reached else 1
+
+
+def _calib_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from qdiff.config import load_config, save_config
+    from qdiff.quantize import calib_sweep
+
+    _check_writable(args.output, "-o")
+    config, table, notes = calib_sweep(
+        args.float_model,
+        args.calib,
+        config=load_config(args.config) if args.config else None,
+        eval_data=args.eval_data,
+        samples=args.samples,
+    )
+    t = Table(title="isolated cosine per layer and calibration method", title_justify="left", header_style="bold")
+    for col in table.columns:
+        t.add_column(str(col))
+    for _, r in table.iterrows():
+        t.add_row(*[f"{v:.6f}" if isinstance(v, float) else str(v) for v in r])
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(t)
+    for n in notes:
+        console.print(f"note: {n}")
+    save_config(config, args.output)
+    console.print(f"wrote {args.output} (default method {config.activation_quant_params['calibration_method']})")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qdiff._io import write_atomic
+    from qdiff.config import load_config
+    from qdiff.quantize import export_skip_list
+
+    text = export_skip_list(load_config(args.config), args.to)
+    if args.output:
+        _check_writable(args.output, "-o")
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 

@@ -188,3 +188,34 @@ def sensitivity_renderable(result: Any, *, top: int | None = None) -> Any:
     if meta.get("unmeasured"):
         lines.append(f"no isolated measurement for: {', '.join(meta['unmeasured'])}")
     return Group(table, Text("\n".join(lines)))
+
+
+def fallback_renderable(result: Any) -> Any:
+    """A rich renderable of ``qdiff fallback``: the history table and the outcome."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="qdiff fallback history", title_justify="left", header_style="bold")
+    for col in ("round", "step", "layers in float", "metric", "target", "size (bytes)", "seconds", "changed / note"):
+        table.add_column(col, overflow="fold")
+    for _, r in result.history.iterrows():
+        note = " ".join(x for x in (r["changed"], r["note"]) if x)
+        table.add_row(
+            str(r["round"]), r["step"], str(r["n_float"]), _fmt(r["metric"]), "met" if r["target_met"] else "-",
+            str(r["size_bytes"]), f"{r['seconds']:.2f}", note, style="green" if r["target_met"] else None,
+        )  # fmt: skip
+    b = result.baseline
+    lines = [
+        f"target {b.get('target')}: {'reached' if result.reached else 'NOT reached'} with {len(result.float_layers)} "
+        f"layer(s) in float ({', '.join(result.float_layers) or 'none'}; {result.float_params} float parameters), "
+        f"metric {_fmt(result.metric)}",
+    ]
+    if b.get("float_layers"):
+        lines.append(
+            f"baseline 'first and last layers in float' ({', '.join(b['float_layers'])}): metric {_fmt(b.get('metric'))}, "
+            f"target {'met' if b.get('target_met') else 'not met'}"
+        )
+    if result.model_path is not None:
+        lines.append(f"wrote {result.model_path.parent}/config.json, model.int8.onnx, history.csv")
+    return Group(table, Text("\n".join(lines)))

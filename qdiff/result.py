@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from qdiff._io import write_atomic
 from qdiff.structs import TensorPair
 
 __all__ = ["Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
@@ -205,20 +205,3 @@ def _json_default(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     return str(v)
-
-
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
