@@ -292,6 +292,20 @@ def _quiet_root_logger():
         root.setLevel(level)
 
 
+def _weight_axis(g: Graph, layer: str) -> int:
+    """The output-channel axis onnxruntime uses for a layer's per-channel weight."""
+    from qdiff.graph import attr_value
+
+    node = next(n for n in g.nodes if n.name == layer)
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if attr_value(node, "transB", 0) else 1
+    return 1
+
+
 def _output_tensors(g: Graph, layer: str) -> list[str]:
     node = next((n for n in g.nodes if n.name == layer), None)
     return [o for o in node.output if o] if node is not None else []
@@ -338,9 +352,17 @@ def _overrides(model: onnx.ModelProto, g: Graph, config: QuantConfig, feeds: lis
                     entry["symmetric"] = bool(w["symmetric"])
                 if entry:
                     if config.weight_quant_params["per_channel"]:
-                        axis = 0 if g.nodes[[n.name for n in g.nodes].index(name)].op_type in ("Conv", "Gemm") else 1
-                        entry["axis"] = axis
+                        entry["axis"] = _weight_axis(g, name)
                     out.setdefault(wt, [{}])[0].update(entry)
+        if (
+            config.weight_quant_params["per_channel"]
+            and not config.weight_quant_params["symmetric"]
+            and "symmetric" not in layer.weight_quant_params
+        ):
+            # onnxruntime ignores WeightSymmetric=False for per-channel weights; say it per tensor
+            wt = _weight_tensor(g, name)
+            if wt is not None:
+                out.setdefault(wt, [{}])[0].update({"symmetric": False, "axis": _weight_axis(g, name)})
     for (method, pct), layers in by_method.items():
         tensors = [t for name in layers for t in _output_tensors(g, name)]
         ranges = calibrate_ranges(model, feeds, method, percentile=pct, tensors=tensors)
