@@ -354,15 +354,17 @@ def _overrides(model: onnx.ModelProto, g: Graph, config: QuantConfig, feeds: lis
                     if config.weight_quant_params["per_channel"]:
                         entry["axis"] = _weight_axis(g, name)
                     out.setdefault(wt, [{}])[0].update(entry)
-        if (
-            config.weight_quant_params["per_channel"]
-            and not config.weight_quant_params["symmetric"]
-            and "symmetric" not in layer.weight_quant_params
-        ):
-            # onnxruntime ignores WeightSymmetric=False for per-channel weights; say it per tensor
-            wt = _weight_tensor(g, name)
+
+    if config.weight_quant_params["per_channel"] and not config.weight_quant_params["symmetric"]:
+        # onnxruntime ignores WeightSymmetric=False for per-channel weights; say it per tensor
+        disabled = set(config.disabled)
+        for node in g.nodes:
+            layer = config.layers.get(node.name)
+            if node.name in disabled or (layer is not None and "symmetric" in layer.weight_quant_params):
+                continue
+            wt = _weight_tensor(g, node.name) if node.name else None
             if wt is not None:
-                out.setdefault(wt, [{}])[0].update({"symmetric": False, "axis": _weight_axis(g, name)})
+                out.setdefault(wt, [{}])[0].update({"symmetric": False, "axis": _weight_axis(g, node.name)})
     for (method, pct), layers in by_method.items():
         tensors = [t for name in layers for t in _output_tensors(g, name)]
         ranges = calibrate_ranges(model, feeds, method, percentile=pct, tensors=tensors)
