@@ -15,7 +15,11 @@ from typing import Any
 
 from qdiff.errors import QdiffError
 
-__all__ = ["main"]
+__all__ = ["main", "check_writable", "console"]
+
+#: modules adding subcommands: each has ``register(subparsers, parser_class)`` and sets
+#: ``func`` (``args -> exit status``) on its parsers with ``set_defaults``
+_EXTRA_COMMANDS: list[str] = []
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", required=True, choices=["ort", "mnn", "nncf", "tflite"])
     ex.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
 
+    for module in _EXTRA_COMMANDS:
+        import importlib
+
+        importlib.import_module(module).register(sub, _Parser)
+
     m = sub.add_parser(
         "match",
         help="show how the two graphs are paired, without running them",
@@ -153,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "func", None) is not None:
+            return int(args.func(args))
         if args.command == "compare":
             return _compare(args)
         if args.command == "match":
@@ -396,6 +407,18 @@ def _match(args: argparse.Namespace) -> int:
         else:
             alignment.to_json(args.output)
     return 0
+
+
+def console() -> Any:
+    """The rich Console commands print to (160 columns when stdout is not a terminal)."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def check_writable(path: str | None, option: str) -> None:
+    """Public name of :func:`_check_writable` for command modules."""
+    _check_writable(path, option)
 
 
 def _check_writable(path: str | None, option: str) -> None:
