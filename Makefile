@@ -20,6 +20,7 @@ demo: $(STAMP)
 		--data sample_models/digits_test.npz
 
 test: $(STAMP)
+	sh scripts/install_chromium.sh
 	$(BIN)/python -m pytest -q
 
 # Regenerate sample_models/ (needs scikit-learn and onnxconverter-common; not needed by tests).

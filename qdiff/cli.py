@@ -24,10 +24,13 @@ _EXTRA_COMMANDS: list[str] = []
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
-        self.exit(2, f"qdiff: error: {message} (see 'qdiff {self.prog.split()[-1]} --help')\n")
+        cmd = " ".join(self.prog.split()[1:])
+        self.exit(2, f"qdiff: error: {message} (see 'qdiff {cmd + ' ' if cmd else ''}--help')\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from qdiff.cli_report import add_report_options
+
     parser = _Parser(prog="qdiff", description="Layer-wise quantization accuracy debugging for ONNX models.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -58,6 +61,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
     c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
+    add_report_options(c)
 
     s = sub.add_parser(
         "sensitivity",
@@ -83,6 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, metavar="K", help="show only the K most sensitive layers")
     s.add_argument("--json", metavar="FILE", help='write {"layers": [...], "meta": {...}}')
     s.add_argument("--csv", metavar="FILE", help="write the layer rows as CSV")
+    add_report_options(s)
 
     cfg = sub.add_parser("config", help="quantization configs")
     cfg_sub = cfg.add_subparsers(dest="config_command", parser_class=_Parser)
@@ -114,6 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--samples", type=int, default=64, metavar="N", help="eval samples per measurement (default 64)")
     fb.add_argument("-o", "--outdir", default="qdiff-fallback", metavar="OUTDIR")
     fb.add_argument("--resume", action="store_true", help="continue from OUTDIR/config.json")
+    add_report_options(fb, node_data=False)
 
     cs = sub.add_parser("calib-sweep", help="quantize with each calibration method and keep the best per layer")
     cs.add_argument("float_model", metavar="FLOAT")
@@ -150,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the qdiff command line; returns the exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.version:
         from qdiff import __version__
 
@@ -198,8 +205,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    from qdiff.cli_report import check_report_options, write_reports
+
     for opt in ("csv", "json"):
         _check_writable(getattr(args, opt), f"--{opt}")
+    check_report_options(args, "compare")
     if args.quant_only and args.models:
         raise UsageError("--quant-only takes the quantized model itself; give no FLOAT QUANT with it")
     if not args.quant_only and len(args.models) != 2:
@@ -240,6 +250,7 @@ def _compare(args: argparse.Namespace) -> int:
         result.to_json(args.json)
     if args.csv:
         result.to_csv(args.csv)
+    write_reports(args, result, "compare")
     return 0
 
 
@@ -252,8 +263,11 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
+    from qdiff.cli_report import check_report_options, write_reports
+
     for opt in ("csv", "json"):
         _check_writable(getattr(args, opt), f"--{opt}")
+    check_report_options(args, "sensitivity")
     with _progress("measuring") as progress:
         result = sensitivity(
             args.float_model,
@@ -275,6 +289,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
         result.to_json(args.json)
     if args.csv:
         result.to_csv(args.csv)
+    write_reports(args, result, "sensitivity")
     return 0
 
 
@@ -323,6 +338,9 @@ def _fallback(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {args.outdir} exists and is not a folder")
     if not out.parent.is_dir():
         raise UsageError(f"-o {args.outdir}: folder '{out.parent}' does not exist")
+    from qdiff.cli_report import check_report_options, write_reports
+
+    check_report_options(args, "fallback")
     console = Console(width=None if sys.stdout.isatty() else 160)
     with _progress("fallback") as progress:
         try:
@@ -343,6 +361,7 @@ def _fallback(args: argparse.Namespace) -> int:
             print(f"qdiff: interrupted; the best result so far is in {out}", file=sys.stderr)
             return 130
     console.print(fallback_renderable(result))
+    write_reports(args, result, "fallback")
     return 0 if result.reached else 1
 
 

@@ -322,11 +322,14 @@ def _prune(loop: _Loop, config: QuantConfig, rnd: int) -> QuantConfig:
     current = config
     for name in reversed(list(current.disabled)):
         trial = current.with_disabled(set(current.disabled) - {name})
+        before = len(loop.rows)
         value, _ = loop.evaluate(trial, rnd, "prune", f"-{name}")
         if loop.target.met(value):
             current = trial
-        else:
-            loop.rows[-1]["note"] = (loop.rows[-1]["note"] + "; " if loop.rows[-1]["note"] else "") + f"step back: {name} stays float"
+        elif len(loop.rows) > before:  # a new row (not a cached candidate): note the step back on it
+            row = loop.rows[-1]
+            row["note"] = (row["note"] + "; " if row["note"] else "") + f"step back: {name} stays float"
+            loop.flush()
     return current
 
 
