@@ -19,7 +19,7 @@ __all__ = ["main", "check_writable", "console"]
 
 #: modules adding subcommands: each has ``register(subparsers, parser_class)`` and sets
 #: ``func`` (``args -> exit status``) on its parsers with ``set_defaults``
-_EXTRA_COMMANDS: list[str] = []
+_EXTRA_COMMANDS: list[str] = ["qdiff.cli_diagnose"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,6 +61,10 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
     c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
+    c.add_argument(
+        "--engine", choices=["numpy", "fused", "auto"], default="numpy",
+        help="where metrics are reduced: numpy (copy tensors out), fused (inside onnxruntime), auto",
+    )  # fmt: skip
     add_report_options(c)
 
     s = sub.add_parser(
@@ -224,6 +228,7 @@ def _compare(args: argparse.Namespace) -> int:
         input_shapes=args.input_shape,
         provider=args.provider,
         tensor_map=args.map,
+        engine=args.engine,
     )
     with _progress("comparing") as progress:
         if args.quant_only:

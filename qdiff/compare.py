@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,8 @@ import onnx
 import pandas as pd
 
 from qdiff import metrics
+from qdiff.errors import QdiffError, UsageError
+from qdiff.fused import FusedUnavailable, build_fused
 from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import match_models
@@ -71,6 +73,7 @@ def compare(
     session_factory: SessionFactory | None = None,
     progress: ProgressCallback | None = None,
     tensor_map: Mapping[str, str] | str | None = None,
+    engine: str = "numpy",
 ) -> CompareResult:
     """Compare a float model with its quantized (or FP16) version layer by layer.
 
@@ -90,6 +93,10 @@ def compare(
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
         tensor_map: float tensor -> quantized tensor pairs overriding or completing the matching,
             or the path of a JSON/CSV file holding them (see :func:`load_tensor_map`).
+        engine: ``fused`` reduces every tensor inside onnxruntime (both models merged into one
+            graph with the metric reductions, :mod:`qdiff.fused`); ``numpy`` copies the tapped
+            tensors out and reduces them in numpy; ``auto`` (default) uses fused where the
+            models can be merged and falls back to numpy otherwise, saying why in ``meta.notes``.
 
     Returns:
         A :class:`~qdiff.result.CompareResult`.
@@ -117,12 +124,23 @@ def compare(
     pairs = list(matching.pairs)
     outputs = list(matching.outputs)
 
-    f_taps = list(dict.fromkeys([p.float_tensor for p in pairs + outputs]))
-    q_taps = list(dict.fromkeys([p.quant_tensor for p in pairs + outputs]))
-    f_sess, notes_f = open_session(session_factory, tap_model(f_loaded.proto, f_taps), f_loaded.label)
-    q_sess, notes_q = open_session(session_factory, tap_model(q_loaded.proto, q_taps), q_loaded.label)
-    deployed_sess = None
-    notes = notes_f + notes_q
+    notes: list[str] = []
+    engine_used = "numpy"
+    eng: _Engine | None = None
+    if engine not in ("auto", "fused", "numpy"):
+        raise UsageError(f"engine must be auto, fused or numpy, not '{engine}'")
+    if engine != "numpy":
+        try:
+            eng = _FusedEngine(session_factory, f_loaded, q_loaded, fg, pairs, outputs)
+            notes += eng.notes
+            engine_used = "fused"
+        except (FusedUnavailable, QdiffError) as exc:
+            if engine == "fused":
+                raise UsageError(f"the fused engine cannot run these models: {exc}") from None
+            notes.append(f"fused engine unavailable ({exc}); numpy engine used")
+    if eng is None:
+        eng = _NumpyEngine(session_factory, f_loaded, q_loaded, pairs, outputs)
+        notes += eng.notes
 
     accs = [metrics.TensorAccumulator() for _ in pairs]
     out_accs = [metrics.TensorAccumulator() for _ in outputs]
@@ -134,38 +152,40 @@ def compare(
 
     for b, batch in enumerate(source):
         t0 = time.perf_counter()
-        f_vals = dict(zip(f_taps, f_sess.run(f_taps, feed_for(f_sess, batch))))
-        q_vals = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
+        try:
+            step = eng.run(batch, first=b == 0)
+        except Exception as exc:  # noqa: BLE001 - any run failure of the fused graph: go on with numpy
+            if not isinstance(eng, _FusedEngine):
+                raise
+            notes.append(f"fused engine failed at sample {b} ({str(exc).splitlines()[0][:200]}); numpy engine used")
+            log.warning(notes[-1])
+            eng = _NumpyEngine(session_factory, f_loaded, q_loaded, pairs, outputs)
+            engine_used = "numpy" if b == 0 else "fused+numpy"
+            step = eng.run(batch, first=True)
         run_seconds += time.perf_counter() - t0
-        if b == 0 and outputs:
+        if b == 0 and outputs and step.quant_outputs is not None:
             # is the tapped quantized model still what the deployed one computes?
             deployed_sess, _ = open_session(session_factory, q_loaded.proto, q_loaded.label)
             names = [o.quant_tensor for o in outputs]
             deployed = deployed_sess.run(names, feed_for(deployed_sess, batch))
-            deployed_diff = max(_finite_max_diff(_real(d, o), _real(q_vals[n], o)) for d, n, o in zip(deployed, names, outputs))
-            deployed_sess = None
-        for i, pair in enumerate(pairs):
-            if i in broken:
+            deployed_diff = max(
+                _finite_max_diff(_real(d, o), _real(step.quant_outputs[k], o))
+                for k, (d, o) in enumerate(zip(deployed, outputs))
+            )
+            del deployed_sess
+        for key, value in step.results.items():
+            if key in broken:
                 continue
-            ref, cand = f_vals[pair.float_tensor], _real(q_vals[pair.quant_tensor], pair)
-            if np.size(ref) != np.size(cand):
-                broken[i] = (
-                    f"shapes differ at run time: {list(np.shape(ref))} in the float model, "
-                    f"{list(np.shape(cand))} in the quantized model"
-                )
+            if isinstance(value, str):
+                broken[key] = value
                 continue
-            shapes[i] = list(np.shape(ref))
-            accs[i].update(ref, cand)
-        for i, pair in enumerate(outputs):
-            ref, cand = f_vals[pair.float_tensor], _real(q_vals[pair.quant_tensor], pair)
-            if np.size(ref) != np.size(cand):
-                broken[-1 - i] = f"output shapes differ: {list(np.shape(ref))} vs {list(np.shape(cand))}"
-                continue
-            shapes[-1 - i] = list(np.shape(ref))
-            out_accs[i].update(ref, cand)
-            if metrics.looks_like_class_scores(np.shape(ref)):
-                top1[i].update(ref, cand)
-        del f_vals, q_vals
+            m, shape = value
+            if shape is not None:
+                shapes[key] = shape
+            (accs[key] if key >= 0 else out_accs[-1 - key]).add(m)
+        for k, (rows, agree) in step.top1.items():
+            top1[k].rows += rows
+            top1[k].agree += agree
         if progress is not None:
             progress(b + 1, source.count)
 
@@ -185,6 +205,7 @@ def compare(
         f_loaded, q_loaded, options, source, seed, batch_size,
         notes, deployed_diff, time.perf_counter() - started, run_seconds, matching,
     )  # fmt: skip
+    meta["engine"] = engine_used
     meta["warnings"] = warnings
     if len(matching.skipped):
         meta["skipped"] = [asdict(u) for u in matching.skipped]
@@ -309,6 +330,101 @@ def _identity_warnings(weights: pd.DataFrame, layers: pd.DataFrame) -> list[str]
             "from FLOAT and that both take the same input preprocessing"
         )
     return out
+
+
+@dataclass
+class _Step:
+    """What one batch gave: per key (pair index, or -1-k for output k) metrics+shape or a broken reason."""
+
+    results: dict[int, Any]
+    top1: dict[int, tuple[int, int]]
+    quant_outputs: list[np.ndarray] | None
+
+
+class _Engine:
+    notes: list[str]
+
+    def run(self, batch: Mapping[str, np.ndarray], first: bool) -> _Step:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _NumpyEngine(_Engine):
+    """Both models tapped; every pair's tensors copied out and reduced in numpy."""
+
+    def __init__(self, factory, f_loaded, q_loaded, pairs, outputs):
+        self.pairs, self.outputs = pairs, outputs
+        self.f_taps = list(dict.fromkeys([p.float_tensor for p in pairs + outputs]))
+        self.q_taps = list(dict.fromkeys([p.quant_tensor for p in pairs + outputs]))
+        self.f_sess, n1 = open_session(factory, tap_model(f_loaded.proto, self.f_taps), f_loaded.label)
+        self.q_sess, n2 = open_session(factory, tap_model(q_loaded.proto, self.q_taps), q_loaded.label)
+        self.notes = n1 + n2
+
+    def run(self, batch, first):
+        f_vals = dict(zip(self.f_taps, self.f_sess.run(self.f_taps, feed_for(self.f_sess, batch))))
+        q_vals = dict(zip(self.q_taps, self.q_sess.run(self.q_taps, feed_for(self.q_sess, batch))))
+        results: dict[int, Any] = {}
+        top1: dict[int, tuple[int, int]] = {}
+        for key, pair in [(i, p) for i, p in enumerate(self.pairs)] + [(-1 - k, p) for k, p in enumerate(self.outputs)]:
+            ref, cand = f_vals[pair.float_tensor], _real(q_vals[pair.quant_tensor], pair)
+            if np.size(ref) != np.size(cand):
+                results[key] = (
+                    f"shapes differ at run time: {list(np.shape(ref))} in the float model, "
+                    f"{list(np.shape(cand))} in the quantized model"
+                )
+                continue
+            results[key] = (metrics.sample_metrics(ref, cand), list(np.shape(ref)))
+            if key < 0 and metrics.looks_like_class_scores(np.shape(ref)):
+                t = metrics.Top1Accumulator()
+                t.update(ref, cand)
+                top1[-1 - key] = (t.rows, t.agree)
+        quant_outputs = [q_vals[o.quant_tensor] for o in self.outputs] if first else None
+        return _Step(results, top1, quant_outputs)
+
+
+class _FusedEngine(_Engine):
+    """One merged graph: both models and every pair's reductions (see :mod:`qdiff.fused`)."""
+
+    def __init__(self, factory, f_loaded, q_loaded, fg, pairs, outputs):
+        self.pairs, self.outputs = pairs, outputs
+        shapes = {o.float_tensor: fg.shape(o.float_tensor) for o in outputs}
+        fused = build_fused(f_loaded.proto, q_loaded.proto, pairs, outputs, float_shapes=shapes)
+        model = fused.model
+        # the first run also returns the shapes and the quantized model's outputs
+        self.shape_names = []
+        for k, p in enumerate(list(pairs) + list(outputs)):
+            name = f"qdiff/shape{k}"
+            src = p.float_tensor if p.float_tensor in {i.name for i in model.graph.input} else "f/" + p.float_tensor
+            model.graph.node.append(onnx.helper.make_node("Shape", [src], [name], name=name))
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            self.shape_names.append(name)
+        self.qout_names = []
+        for o in outputs:
+            name = "q/" + o.quant_tensor
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            self.qout_names.append(name)
+        self.sums = list(fused.outputs)
+        self.top1_names = [t for t in fused.top1 if t]
+        self.top1_index = [k for k, t in enumerate(fused.top1) if t]
+        self.sess, self.notes = open_session(factory, model, f"{f_loaded.label} + {q_loaded.label} (fused)")
+
+    def run(self, batch, first):
+        names = self.sums + self.top1_names + ((self.shape_names + self.qout_names) if first else [])
+        vals = self.sess.run(names, feed_for(self.sess, batch))
+        n = len(self.pairs) + len(self.outputs)
+        sums, rest = vals[:n], vals[n:]
+        t1, rest = rest[: len(self.top1_names)], rest[len(self.top1_names) :]
+        shapes = rest[:n] if first else [None] * n
+        qouts = list(rest[n:]) if first else None
+        results: dict[int, Any] = {}
+        for k, v in enumerate(sums):
+            key = k if k < len(self.pairs) else -1 - (k - len(self.pairs))
+            if v[0] != v[1]:
+                results[key] = f"shapes differ at run time: {int(v[0])} elements in the float model, {int(v[1])} in the quantized model"
+                continue
+            shape = [int(x) for x in shapes[k]] if shapes[k] is not None else None
+            results[key] = (metrics.sample_metrics_from_sums(v), shape)
+        top1 = {self.top1_index[j]: (int(v[0]), int(v[1])) for j, v in enumerate(t1)}
+        return _Step(results, top1, qouts)
 
 
 def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:

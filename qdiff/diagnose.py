@@ -719,6 +719,9 @@ def check_coverage(ctx: DiagnoseContext) -> list[Finding]:
     weights = _weight_inventory(ctx)
     wdf = pd.DataFrame(weights, columns=WEIGHT_COLUMNS)
     fp16 = ctx.kind == "fp16"
+    per_node: dict[tuple[str, str], int] = (
+        {(str(c), str(r)): int(b) for (c, r), b in wdf.groupby(["consumer", "role"])["bytes"].sum().items()} if len(wdf) else {}
+    )
     rows = []
     for idx in _compute_nodes(ctx):
         node = g.nodes[idx]
@@ -728,15 +731,14 @@ def check_coverage(ctx: DiagnoseContext) -> list[Finding]:
         else:
             status = _node_status(ctx, idx)
         label = g.node_label(idx)
-        mine = wdf[wdf["consumer"] == label] if len(wdf) else wdf
         rows.append(
             {
                 "layer": ctx.layers.node(idx),
                 "node": label,
                 "op_type": node.op_type,
                 "status": status,
-                "quantized_weight_bytes": int(mine[mine["role"] == "quantized"]["bytes"].sum()) if len(mine) else 0,
-                "float_weight_bytes": int(mine[mine["role"] == "float"]["bytes"].sum()) if len(mine) else 0,
+                "quantized_weight_bytes": per_node.get((label, "quantized"), 0),
+                "float_weight_bytes": per_node.get((label, "float"), 0),
             }
         )
     cdf = pd.DataFrame(rows, columns=COVERAGE_COLUMNS)

@@ -1034,3 +1034,62 @@ def looks_like_class_scores(shape: Sequence[int | str | None]) -> bool:
     if _is_static(lead) and int(lead) != 1:
         return False
     return all(_is_static(d) and int(d) == 1 for d in middle)
+
+
+# --------------------------------------------------------------------------
+# Metrics from sums (the fused engine reduces tensors inside onnxruntime)
+# --------------------------------------------------------------------------
+
+#: layout of the per-sample sums vector the fused engine computes for one tensor pair
+SUMS_FIELDS = (
+    "size", "size_cand", "finite", "nan_ref", "inf_ref", "nan_cand", "inf_cand",
+    "rr", "cc", "rc", "dd", "sad", "max_abs", "lo", "hi",
+)  # fmt: skip
+
+
+def sample_metrics_from_sums(sums: np.ndarray, bins: int = KL_BINS) -> SampleMetrics:
+    """:class:`SampleMetrics` from the reductions of one sample (``SUMS_FIELDS`` then two histograms).
+
+    The sums are over the element pairs finite on both sides, in float64: ``rr = Σr²``,
+    ``cc = Σc²``, ``rc = Σrc``, ``dd = Σ(r-c)²``, ``sad = Σ|r-c|``, ``max_abs``, the shared value
+    range ``lo``/``hi`` and the ``bins``-bin histograms of r and c over it. The formulas and the
+    degenerate cases are those of the pure functions (float32/float16 tensors cannot overflow
+    these float64 sums).
+    """
+    v = np.asarray(sums, dtype=np.float64)
+    f = dict(zip(SUMS_FIELDS, (float(x) for x in v[: len(SUMS_FIELDS)])))
+    size, finite = int(f["size"]), int(f["finite"])
+    counts = dict(
+        size=size,
+        finite=finite,
+        nan_ref=int(f["nan_ref"]),
+        inf_ref=int(f["inf_ref"]),
+        nan_cand=int(f["nan_cand"]),
+        inf_cand=int(f["inf_cand"]),
+    )
+    if size == 0:
+        return SampleMetrics(1.0, 0.0, 0.0, 0.0, SQNR_CAP_DB, 0.0, **counts)
+    if finite == 0:
+        return SampleMetrics(None, None, None, None, None, None, **counts)
+    rr, cc, rc, dd = f["rr"], f["cc"], f["rc"], f["dd"]
+    if rr == 0.0 and cc == 0.0:
+        cos = 1.0
+    elif rr == 0.0 or cc == 0.0:
+        cos = 0.0
+    else:
+        cos = min(1.0, max(-1.0, rc / math.sqrt(rr * cc)))
+    if dd == 0.0:
+        sqnr = SQNR_CAP_DB
+    elif rr == 0.0:
+        sqnr = -SQNR_CAP_DB
+    else:
+        sqnr = min(SQNR_CAP_DB, max(-SQNR_CAP_DB, 10.0 * (math.log10(rr) - math.log10(dd))))
+    kl = 0.0
+    if f["hi"] > f["lo"]:
+        start = len(SUMS_FIELDS)
+        p = v[start : start + bins] / finite + EPS
+        q = v[start + bins : start + 2 * bins] / finite + EPS
+        p /= p.sum()
+        q /= q.sum()
+        kl = max(0.0, float(np.dot(p, np.log(p) - np.log(q))))
+    return SampleMetrics(cos, dd / finite, f["sad"] / finite, f["max_abs"], sqnr, kl, **counts)

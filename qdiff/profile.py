@@ -523,7 +523,7 @@ def _findings(layers: pd.DataFrame, s: dict[str, Any], qg: Graph, q_nodes: list[
                 "warning",
                 names[0],
                 f"{len(names)} layer(s) dequantize their weights on every run ({sum(weight_dq.values()):.0f} µs per run): "
-                f"{', '.join(names[:8])}; onnxruntime did not fuse them into int8 kernels, so they compute in float",
+                f"{', '.join(names)}; onnxruntime did not fuse them into int8 kernels, so they compute in float",
                 "Check that the execution provider has an int8 kernel for these ops with these types (e.g. int8 vs uint8 "
                 "activations, per-channel weights) and that their inputs and output all carry Q/DQ; otherwise leave "
                 "them unquantized to save the dequantization.",

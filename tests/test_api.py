@@ -13,7 +13,7 @@ import qdiff
 ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED = {
-    "__version__", "compare", "compare_quant_only", "CompareResult", "match", "Alignment", "load_tensor_map", "sensitivity", "SensitivityResult", "TensorPair", "WeightPair", "Unmatched", "Matching",
+    "__version__", "compare", "compare_quant_only", "CompareResult", "match", "Alignment", "load_tensor_map", "sensitivity", "SensitivityResult", "diagnose", "DiagnoseResult", "Finding", "profile", "ProfileResult", "TensorPair", "WeightPair", "Unmatched", "Matching",
     "MatchMethod", "DequantParams", "match_models", "Graph", "load_model", "InputSpec", "input_specs",
     "make_source", "SessionOptions", "default_session_factory", "tap_model", "QdiffError", "ModelError",
     "ModelMismatchError", "DataError", "ProviderError", "UsageError",

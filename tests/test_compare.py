@@ -212,3 +212,29 @@ def test_result_is_a_dataframe_api():
     assert len(worst) == 3 and worst["cosine"].is_monotonic_increasing
     assert result.summary()["layers_matched"] == int((result.layers["kind"] != "input").sum())
     assert "<table" in result._repr_html_()
+
+
+@pytest.mark.parametrize("variant", ["qdq_per_tensor", "qoperator", "dynamic"])
+def test_fused_engine_equals_numpy_engine(variant):
+    """The reductions run inside onnxruntime give the numpy metrics (to float64 rounding)."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / f"digits_cnn.{variant}.onnx")
+    a = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=12, engine="numpy")
+    b = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=12, engine="fused")
+    assert a.meta["engine"] == "numpy" and b.meta["engine"] == "fused"
+    cols = ["cosine", "cosine_worst", "mse", "mse_worst", "mae", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst"]
+    np.testing.assert_allclose(b.layers[cols].to_numpy(float), a.layers[cols].to_numpy(float), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(b.outputs[cols + ["top1_agreement"]].to_numpy(float), a.outputs[cols + ["top1_agreement"]].to_numpy(float), rtol=1e-9, atol=1e-12)
+    assert list(a.layers["shape"]) == list(b.layers["shape"])
+
+
+def test_fused_engine_counts_non_finite_values(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    nodes = [helper.make_node("Log", ["x"], ["y"], name="log")]
+    f = finish(helper.make_graph(nodes, "f", [x], [y]), tmp_path / "f.onnx")
+    q = _qdq_wrap([], "x", nodes, [x], [y], path=tmp_path / "q.onnx")
+    data = {"x": np.array([[1.0, -1.0, 0.0, 2.0], [0.5, 0.25, 1.0, 2.0]], np.float32)}
+    a = qdiff.compare(f, q, data=data, engine="numpy").layers.set_index("layer")
+    b = qdiff.compare(f, q, data=data, engine="fused").layers.set_index("layer")
+    for col in ("nan_float", "inf_float", "nan_quant", "inf_quant", "cosine", "mse", "note"):
+        assert a.loc["log", col] == pytest.approx(b.loc["log", col]) if col != "note" else a.loc["log", col] == b.loc["log", col]
