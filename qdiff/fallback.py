@@ -144,7 +144,7 @@ class _Loop:
                 "target_met": met,
                 "size_bytes": report.size_bytes,
                 "seconds": round(time.perf_counter() - t0, 3),
-                "note": "; ".join(w for w in report.warnings if "not smaller" not in w),
+                "note": "; ".join(w for w in report.warnings if "weights were not quantized" not in w),
             }
         )
         data = path.read_bytes()

@@ -432,17 +432,32 @@ def _check(float_model: onnx.ModelProto, qm: onnx.ModelProto, config: QuantConfi
             if node.op_type == "DequantizeLinear" and _is_weight_dq(qg, node) and len(node.input) > 1:
                 scale = qg.const_value(node.input[1])
                 value = qg.const_value(node.input[0])
-                if scale is not None and value is not None and value.ndim >= 2 and np.asarray(scale).size == 1:
+                if (
+                    scale is not None and value is not None and value.ndim >= 2
+                    and np.asarray(scale).size == 1 and min(value.shape[0], value.shape[-1]) > 1
+                ):
                     per_tensor.append(node.input[0])
         if per_tensor:
             warnings.append(
                 f"per_channel is on but {len(per_tensor)} weight(s) were quantized per-tensor: {', '.join(per_tensor[:5])}"
             )
-    if qm.ByteSize() >= float_model.ByteSize():
+    float_bytes = _float_weight_bytes(float_model)
+    left = _float_weight_bytes(qm)
+    if float_bytes and left >= 0.9 * float_bytes:
         warnings.append(
-            f"the quantized model ({qm.ByteSize()} bytes) is not smaller than the float model ({float_model.ByteSize()} bytes)"
+            f"the weights were not quantized: {left} of the float model's {float_bytes} weight bytes are still float "
+            f"(file {qm.ByteSize()} vs {float_model.ByteSize()} bytes)"
         )
     return warnings
+
+
+def _float_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of float initializers with two or more dimensions (the weights)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) and len(t.dims) >= 2:
+            total += int(np.prod(t.dims)) * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4 if t.data_type == onnx.TensorProto.FLOAT else 8)
+    return total
 
 
 def _is_weight_dq(g: Graph, node: onnx.NodeProto) -> bool:
