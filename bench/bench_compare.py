@@ -53,7 +53,8 @@ CONFIGS = ("floor", "compare", "qdq_loss_debug")
 # diagnostics, run only when named in --configs:
 #   compare_nospin  qdiff.compare with onnxruntime's intra-op thread spinning turned off
 #   compare_blas1   qdiff.compare in a child whose numpy BLAS (OpenBLAS/MKL/OpenMP) has one thread
-EXTRA_CONFIGS = ("compare_nospin", "compare_blas1")
+#   compare_fused   qdiff.compare(..., engine="fused") (metrics reduced inside onnxruntime), where qdiff has it
+EXTRA_CONFIGS = ("compare_nospin", "compare_blas1", "compare_fused")
 ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 ALL_CASES = ("digits", "transformer", "midcnn")
 IR_VERSION = 10  # onnxruntime <= 1.31 refuses IR 11+; onnx 1.23 writes newer by default
@@ -224,24 +225,25 @@ def run_child(spec: dict) -> dict:
             f_sess.run(None, feed)
             q_sess.run(None, feed)
         extra["inference_s"] = time.perf_counter() - t_run
-    elif config in ("compare", "compare_blas1"):  # compare_blas1: the parent set the environment
-        result = qdiff.compare(fpath, qpath, data={"input": x})
-        extra["inference_s"] = result.meta["inference_seconds"]
-        extra["pairs"] = result.meta["pairs"]
-        extra["samples_seen"] = result.meta["samples"]
-        del result
-    elif config == "compare_nospin":
+    elif config in ("compare", "compare_blas1", "compare_nospin", "compare_fused"):
+        kwargs: dict = {}
+        if config == "compare_nospin":
 
-        def factory(model):
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+            def factory(model):
+                so = ort.SessionOptions()
+                so.log_severity_level = 3
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
 
-        result = qdiff.compare(fpath, qpath, data={"input": x}, session_factory=factory)
-        extra["inference_s"] = result.meta["inference_seconds"]
-        extra["pairs"] = result.meta["pairs"]
-        extra["samples_seen"] = result.meta["samples"]
+            kwargs["session_factory"] = factory
+        elif config == "compare_fused":
+            kwargs["engine"] = "fused"
+        # compare_blas1: the parent set the one-thread environment
+        result = qdiff.compare(fpath, qpath, data={"input": x}, **kwargs)
+        extra["inference_s"] = result.meta.get("inference_seconds")
+        extra["pairs"] = result.meta.get("pairs")
+        extra["samples_seen"] = result.meta.get("samples")
+        extra["engine"] = result.meta.get("engine", "numpy")
         del result
     elif config == "qdq_loss_debug":
         with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
@@ -359,7 +361,7 @@ def measure(spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: 
         "base_mb": statistics.median(r["base_mb"] for r in ok),
         "runs_started_on_busy_machine": sum(not r["quiet_start"] for r in ok),
     }
-    for key in ("inference_s", "pairs", "samples_seen", "activations_matched", "tensors_kept"):
+    for key in ("inference_s", "pairs", "samples_seen", "engine", "activations_matched", "tensors_kept"):
         if key in best:
             agg[key] = best[key]
     return agg
@@ -372,7 +374,17 @@ def versions() -> dict:
 
     import qdiff
 
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=str(ROOT), timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--", "qdiff")
     return {
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "qdiff_source_modified": bool(status) if status is not None else None,
         "python": platform.python_version(),
         "qdiff": qdiff.__version__,
         "numpy": numpy.__version__,
@@ -395,7 +407,7 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
-SHORT = {"compare": "compare", "qdq_loss_debug": "qdq", "compare_nospin": "nospin", "compare_blas1": "blas1"}
+SHORT = {"compare": "compare", "qdq_loss_debug": "qdq", "compare_nospin": "nospin", "compare_blas1": "blas1", "compare_fused": "fused"}
 
 
 def table(rows: list[dict], configs: list[str]) -> str:
@@ -476,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp.name)
 
     started = time.perf_counter()
+    vers = versions()  # before the runs: the qdiff being measured
+    print(f"qdiff {vers['qdiff']} at {vers['git_commit']}{' (modified)' if vers['qdiff_source_modified'] else ''}, "
+          f"onnxruntime {vers['onnxruntime']}, {vers['cpu_count']} CPUs", file=sys.stderr)
     load_start = _loadavg()
     if not wait_quiet(args.quiet_wait):
         print("warning: other tasks keep running on this machine; timings will be noisy", file=sys.stderr)
@@ -519,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         doc = {
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "versions": versions(),
+            "versions": vers,
             "args": {k: v for k, v in vars(args).items() if k != "child"},
             "total_seconds": round(time.perf_counter() - started, 1),
             "loadavg_1min": {"start": load_start, "end": _loadavg()},

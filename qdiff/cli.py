@@ -28,6 +28,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"qdiff: error: {message} (see 'qdiff {cmd + ' ' if cmd else ''}--help')\n")
 
 
+def _bytes(text: str) -> int:
+    """'512M' / '2G' / '1000' -> bytes (argparse type)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a size like 512M or 2G") from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from qdiff.cli_report import add_report_options
 
@@ -61,6 +73,11 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
     c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
+    c.add_argument("--workers", type=int, default=1, metavar="N", help="shard the samples across N processes")
+    c.add_argument(
+        "--max-memory", type=_bytes, metavar="SIZE",
+        help="memory the tapped tensors of one sample may take (e.g. 512M, 2G); above it taps are fetched in groups",
+    )  # fmt: skip
     c.add_argument(
         "--engine", choices=["numpy", "fused", "auto"], default="numpy",
         help="where metrics are reduced: numpy (copy tensors out), fused (inside onnxruntime), auto",
@@ -229,6 +246,8 @@ def _compare(args: argparse.Namespace) -> int:
         provider=args.provider,
         tensor_map=args.map,
         engine=args.engine,
+        workers=args.workers,
+        max_memory=args.max_memory,
     )
     with _progress("comparing") as progress:
         if args.quant_only:

@@ -74,6 +74,8 @@ def compare(
     progress: ProgressCallback | None = None,
     tensor_map: Mapping[str, str] | str | None = None,
     engine: str = "numpy",
+    workers: int = 1,
+    max_memory: int | None = None,
 ) -> CompareResult:
     """Compare a float model with its quantized (or FP16) version layer by layer.
 
@@ -97,6 +99,12 @@ def compare(
             graph with the metric reductions, :mod:`qdiff.fused`); ``numpy`` copies the tapped
             tensors out and reduces them in numpy; ``auto`` (default) uses fused where the
             models can be merged and falls back to numpy otherwise, saying why in ``meta.notes``.
+        workers: processes the samples are sharded across (each runs every k-th sample with
+            its own sessions and ``cores / workers`` threads); the metric accumulators merge
+            exactly, so the result equals the single-process one. Needs ``data`` as a path, a
+            dict of arrays or None, and models as paths or ModelProtos.
+        max_memory: bytes the tapped tensors of one sample may take; above it the taps are
+            fetched in groups, one run of both models per group (numpy engine).
 
     Returns:
         A :class:`~qdiff.result.CompareResult`.
@@ -124,75 +132,27 @@ def compare(
     pairs = list(matching.pairs)
     outputs = list(matching.outputs)
 
-    notes: list[str] = []
-    engine_used = "numpy"
-    eng: _Engine | None = None
     if engine not in ("auto", "fused", "numpy"):
         raise UsageError(f"engine must be auto, fused or numpy, not '{engine}'")
-    if engine != "numpy":
-        try:
-            eng = _FusedEngine(session_factory, f_loaded, q_loaded, fg, pairs, outputs)
-            notes += eng.notes
-            engine_used = "fused"
-        except (FusedUnavailable, QdiffError) as exc:
-            if engine == "fused":
-                raise UsageError(f"the fused engine cannot run these models: {exc}") from None
-            notes.append(f"fused engine unavailable ({exc}); numpy engine used")
-    if eng is None:
-        eng = _NumpyEngine(session_factory, f_loaded, q_loaded, pairs, outputs)
-        notes += eng.notes
-
-    accs = [metrics.TensorAccumulator() for _ in pairs]
-    out_accs = [metrics.TensorAccumulator() for _ in outputs]
-    top1 = [metrics.Top1Accumulator() for _ in outputs]
-    shapes: dict[int, list[int]] = {}
-    broken: dict[int, str] = {}
-    deployed_diff: float | None = None
-    run_seconds = 0.0
-
-    for b, batch in enumerate(source):
-        t0 = time.perf_counter()
-        try:
-            step = eng.run(batch, first=b == 0)
-        except Exception as exc:  # noqa: BLE001 - any run failure of the fused graph: go on with numpy
-            if not isinstance(eng, _FusedEngine):
-                raise
-            notes.append(f"fused engine failed at sample {b} ({str(exc).splitlines()[0][:200]}); numpy engine used")
-            log.warning(notes[-1])
-            eng = _NumpyEngine(session_factory, f_loaded, q_loaded, pairs, outputs)
-            engine_used = "numpy" if b == 0 else "fused+numpy"
-            step = eng.run(batch, first=True)
-        run_seconds += time.perf_counter() - t0
-        if b == 0 and outputs and step.quant_outputs is not None:
-            # is the tapped quantized model still what the deployed one computes?
-            deployed_sess, _ = open_session(session_factory, q_loaded.proto, q_loaded.label)
-            names = [o.quant_tensor for o in outputs]
-            deployed = deployed_sess.run(names, feed_for(deployed_sess, batch))
-            deployed_diff = max(
-                _finite_max_diff(_real(d, o), _real(step.quant_outputs[k], o))
-                for k, (d, o) in enumerate(zip(deployed, outputs))
-            )
-            del deployed_sess
-        for key, value in step.results.items():
-            if key in broken:
-                continue
-            if isinstance(value, str):
-                broken[key] = value
-                continue
-            m, shape = value
-            if shape is not None:
-                shapes[key] = shape
-            (accs[key] if key >= 0 else out_accs[-1 - key]).add(m)
-        for k, (rows, agree) in step.top1.items():
-            top1[k].rows += rows
-            top1[k].agree += agree
-        if progress is not None:
-            progress(b + 1, source.count)
-
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if max_memory is not None and max_memory < 1:
+        raise UsageError(f"--max-memory must be a positive number of bytes, got {max_memory}")
+    if workers == 1:
+        m = _measure(session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory)
+    else:
+        m = _measure_sharded(
+            float_model, quant_model, data, tensor_map, workers, engine, options,
+            dict(samples=samples, batch_size=batch_size, seed=seed, input_shapes=parse_input_shapes(input_shapes)),
+            len(pairs), len(outputs), progress, max_memory,
+        )  # fmt: skip
+        source.batches, source.samples, source.digests = m.batches, m.samples, m.digests
     if source.batches == 0:
         from qdiff.errors import DataError
 
         raise DataError(f"{source.description} produced no samples; nothing was compared")
+    accs, out_accs, top1, shapes, broken = m.accs, m.out_accs, m.top1, m.shapes, m.broken
+    notes, deployed_diff, run_seconds, engine_used = m.notes, m.deployed_diff, m.run_seconds, m.engine
 
     layers = _frame(pairs, accs, shapes, broken, LAYER_COLUMNS, offset=0)
     outs = _frame(outputs, out_accs, shapes, broken, OUTPUT_COLUMNS, offset=-1)
@@ -206,6 +166,7 @@ def compare(
         notes, deployed_diff, time.perf_counter() - started, run_seconds, matching,
     )  # fmt: skip
     meta["engine"] = engine_used
+    meta["workers"] = workers
     meta["warnings"] = warnings
     if len(matching.skipped):
         meta["skipped"] = [asdict(u) for u in matching.skipped]
@@ -333,6 +294,163 @@ def _identity_warnings(weights: pd.DataFrame, layers: pd.DataFrame) -> list[str]
 
 
 @dataclass
+class _Measured:
+    """Everything one pass over (a shard of) the data accumulated; merges exactly."""
+
+    accs: list
+    out_accs: list
+    top1: list
+    shapes: dict[int, list[int]]
+    broken: dict[int, str]
+    notes: list[str]
+    deployed_diff: float | None
+    run_seconds: float
+    engine: str
+    batches: int = 0
+    samples: int = 0
+    digests: dict[int, str] | None = None
+
+    def merge(self, other: _Measured) -> _Measured:
+        return _Measured(
+            [a.merge(b) for a, b in zip(self.accs, other.accs)],
+            [a.merge(b) for a, b in zip(self.out_accs, other.out_accs)],
+            [a.merge(b) for a, b in zip(self.top1, other.top1)],
+            {**other.shapes, **self.shapes},
+            {**other.broken, **self.broken},
+            list(dict.fromkeys(self.notes + other.notes)),
+            self.deployed_diff if self.deployed_diff is not None else other.deployed_diff,
+            self.run_seconds + other.run_seconds,
+            self.engine if self.engine == other.engine else f"{self.engine}+{other.engine}",
+            self.batches + other.batches,
+            self.samples + other.samples,
+            {**(self.digests or {}), **(other.digests or {})},
+        )
+
+
+def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None) -> _Measured:
+    """One pass over ``source``: run both models per batch, fold every pair into its accumulator."""
+    notes: list[str] = []
+    engine_used = "numpy"
+    eng: _Engine | None = None
+    if engine != "numpy":
+        try:
+            eng = _FusedEngine(factory, f_loaded, q_loaded, fg, pairs, outputs)
+            notes += eng.notes
+            engine_used = "fused"
+        except (FusedUnavailable, QdiffError) as exc:
+            if engine == "fused":
+                raise UsageError(f"the fused engine cannot run these models: {exc}") from None
+            notes.append(f"fused engine unavailable ({exc}); numpy engine used")
+    if eng is None:
+        eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg)
+        notes += eng.notes
+    accs = [metrics.TensorAccumulator() for _ in pairs]
+    out_accs = [metrics.TensorAccumulator() for _ in outputs]
+    top1 = [metrics.Top1Accumulator() for _ in outputs]
+    shapes: dict[int, list[int]] = {}
+    broken: dict[int, str] = {}
+    deployed_diff: float | None = None
+    run_seconds = 0.0
+    for b, batch in enumerate(source):
+        t0 = time.perf_counter()
+        try:
+            step = eng.run(batch, first=b == 0)
+        except Exception as exc:  # noqa: BLE001 - any run failure of the fused graph: go on with numpy
+            if not isinstance(eng, _FusedEngine):
+                raise
+            notes.append(f"fused engine failed at sample {b} ({str(exc).splitlines()[0][:200]}); numpy engine used")
+            log.warning(notes[-1])
+            eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs)
+            engine_used = "numpy" if b == 0 else "fused+numpy"
+            step = eng.run(batch, first=True)
+        run_seconds += time.perf_counter() - t0
+        if b == 0 and outputs and step.quant_outputs is not None:
+            # is the tapped quantized model still what the deployed one computes?
+            deployed_sess, _ = open_session(factory, q_loaded.proto, q_loaded.label)
+            names = [o.quant_tensor for o in outputs]
+            deployed = deployed_sess.run(names, feed_for(deployed_sess, batch))
+            deployed_diff = max(
+                _finite_max_diff(_real(d, o), _real(step.quant_outputs[k], o))
+                for k, (d, o) in enumerate(zip(deployed, outputs))
+            )
+            del deployed_sess
+        for key, value in step.results.items():
+            if key in broken:
+                continue
+            if isinstance(value, str):
+                broken[key] = value
+                continue
+            m, shape = value
+            if shape is not None:
+                shapes[key] = shape
+            (accs[key] if key >= 0 else out_accs[-1 - key]).add(m)
+        for k, (rows, agree) in step.top1.items():
+            top1[k].rows += rows
+            top1[k].agree += agree
+        if progress is not None:
+            progress(b + 1, source.count)
+    return _Measured(
+        accs, out_accs, top1, shapes, broken, notes, deployed_diff, run_seconds, engine_used,
+        source.batches, source.samples, dict(source.digests),
+    )  # fmt: skip
+
+
+def _portable(model: ModelLike) -> Any:
+    """A model argument that pickles cheaply to a worker process."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    return os.fspath(model)
+
+
+def _shard_worker(payload: tuple) -> _Measured:
+    """Run one shard in a worker process (module-level so it pickles)."""
+    f_model, q_model, data, tensor_map, shard, engine, provider, threads, source_kwargs, max_memory = payload
+    if isinstance(f_model, bytes):
+        f_model = onnx.load_from_string(f_model)
+    if isinstance(q_model, bytes):
+        q_model = onnx.load_from_string(q_model)
+    f_loaded = load_model(f_model, role="float model")
+    q_loaded = load_model(q_model, role="quantized model")
+    fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
+    matching = match_models(fg, qg, tensor_map)
+    factory = default_session_factory(SessionOptions(provider=provider, intra_op_threads=threads))
+    source = make_source(data, input_specs(fg), shard=shard, **source_kwargs)
+    return _measure(factory, f_loaded, q_loaded, fg, list(matching.pairs), list(matching.outputs), source, engine, None, max_memory)
+
+
+def _measure_sharded(
+    float_model, quant_model, data, tensor_map, workers, engine, options, source_kwargs, n_pairs, n_outputs, progress,
+    max_memory=None,
+) -> _Measured:
+    """Shard the samples across ``workers`` processes and merge their accumulators."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if options.provider == "custom session factory":
+        raise UsageError("--workers cannot be combined with a custom session factory")
+    if data is not None and not isinstance(data, (str, os.PathLike, Mapping)):
+        raise UsageError("--workers needs data as a file, a folder or a dict of arrays (an iterator cannot be shared)")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    payloads = [
+        (
+            _portable(float_model), _portable(quant_model), data, tensor_map, (k, workers), engine, options.provider,
+            threads, source_kwargs, max_memory,
+        )
+        for k in range(workers)
+    ]
+    merged: _Measured | None = None
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        for done, part in enumerate(pool.map(_shard_worker, payloads), 1):
+            merged = part if merged is None else merged.merge(part)
+            if progress is not None:
+                progress(done, workers)
+    assert merged is not None
+    merged.notes.append(f"samples sharded across {workers} worker processes ({threads} thread(s) each)")
+    return merged
+
+
+@dataclass
 class _Step:
     """What one batch gave: per key (pair index, or -1-k for output k) metrics+shape or a broken reason."""
 
@@ -349,22 +467,48 @@ class _Engine:
 
 
 class _NumpyEngine(_Engine):
-    """Both models tapped; every pair's tensors copied out and reduced in numpy."""
+    """Both models tapped; every pair's tensors copied out and reduced in numpy.
 
-    def __init__(self, factory, f_loaded, q_loaded, pairs, outputs):
+    With a memory budget the pairs are split into groups whose tapped tensors fit it, and each
+    group is fetched by its own run of the two sessions (more runs, bounded memory).
+    """
+
+    def __init__(self, factory, f_loaded, q_loaded, pairs, outputs, max_memory: int | None = None, fg: Graph | None = None):
         self.pairs, self.outputs = pairs, outputs
         self.f_taps = list(dict.fromkeys([p.float_tensor for p in pairs + outputs]))
         self.q_taps = list(dict.fromkeys([p.quant_tensor for p in pairs + outputs]))
         self.f_sess, n1 = open_session(factory, tap_model(f_loaded.proto, self.f_taps), f_loaded.label)
         self.q_sess, n2 = open_session(factory, tap_model(q_loaded.proto, self.q_taps), q_loaded.label)
         self.notes = n1 + n2
+        keyed = [(i, p) for i, p in enumerate(pairs)] + [(-1 - k, p) for k, p in enumerate(outputs)]
+        self.groups = [keyed]
+        if max_memory is not None and fg is not None:
+            self.groups = _group_by_memory(keyed, fg, max_memory)
+            if len(self.groups) > 1:
+                self.notes.append(
+                    f"tapped tensors split into {len(self.groups)} groups to stay within --max-memory {max_memory} bytes"
+                )
 
     def run(self, batch, first):
-        f_vals = dict(zip(self.f_taps, self.f_sess.run(self.f_taps, feed_for(self.f_sess, batch))))
-        q_vals = dict(zip(self.q_taps, self.q_sess.run(self.q_taps, feed_for(self.q_sess, batch))))
         results: dict[int, Any] = {}
         top1: dict[int, tuple[int, int]] = {}
-        for key, pair in [(i, p) for i, p in enumerate(self.pairs)] + [(-1 - k, p) for k, p in enumerate(self.outputs)]:
+        quant_outputs = None
+        f_feed, q_feed = feed_for(self.f_sess, batch), feed_for(self.q_sess, batch)
+        for group in self.groups:
+            f_names = list(dict.fromkeys(p.float_tensor for _, p in group))
+            q_names = list(dict.fromkeys(p.quant_tensor for _, p in group))
+            f_vals = dict(zip(f_names, self.f_sess.run(f_names, f_feed)))
+            q_vals = dict(zip(q_names, self.q_sess.run(q_names, q_feed)))
+            self._reduce(group, f_vals, q_vals, results, top1)
+            if first and any(k < 0 for k, _ in group):
+                quant_outputs = quant_outputs or {}
+                quant_outputs.update({k: q_vals[p.quant_tensor] for k, p in group if k < 0})
+            del f_vals, q_vals
+        qouts = [quant_outputs[-1 - k] for k in range(len(self.outputs))] if quant_outputs else None
+        return _Step(results, top1, qouts)
+
+    def _reduce(self, group, f_vals, q_vals, results, top1):
+        for key, pair in group:
             ref, cand = f_vals[pair.float_tensor], _real(q_vals[pair.quant_tensor], pair)
             if np.size(ref) != np.size(cand):
                 results[key] = (
@@ -377,8 +521,22 @@ class _NumpyEngine(_Engine):
                 t = metrics.Top1Accumulator()
                 t.update(ref, cand)
                 top1[-1 - key] = (t.rows, t.agree)
-        quant_outputs = [q_vals[o.quant_tensor] for o in self.outputs] if first else None
-        return _Step(results, top1, quant_outputs)
+
+
+def _group_by_memory(keyed: list, fg: Graph, budget: int) -> list[list]:
+    """Split pairs into groups whose float+quantized taps (statically estimated) fit ``budget`` bytes."""
+    groups: list[list] = [[]]
+    used = 0
+    for key, pair in keyed:
+        shape = fg.shape(pair.float_tensor) or []
+        elements = int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in shape])) if shape else 1
+        cost = 2 * 4 * elements  # float32 on both sides (a conservative estimate for int8/fp16 taps)
+        if groups[-1] and used + cost > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append((key, pair))
+        used += cost
+    return groups
 
 
 class _FusedEngine(_Engine):

@@ -26,7 +26,16 @@ import onnx
 from qdiff.errors import DataError, ModelMismatchError, UsageError
 from qdiff.graph import Graph
 
-__all__ = ["InputSpec", "input_specs", "check_same_inputs", "parse_input_shapes", "DataSource", "make_source", "DataLike"]
+__all__ = [
+    "InputSpec",
+    "input_specs",
+    "check_same_inputs",
+    "parse_input_shapes",
+    "DataSource",
+    "make_source",
+    "combine_fingerprint",
+    "DataLike",
+]
 
 DataLike = Union[str, Path, Mapping[str, np.ndarray], Iterable[Mapping[str, np.ndarray]], None]
 
@@ -107,36 +116,62 @@ def parse_input_shapes(items: Iterable[str] | Mapping[str, Iterable[int]] | None
 
 
 class DataSource:
-    """Batches of validated model inputs, read lazily, with a running fingerprint.
+    """Batches of validated model inputs, read lazily, with a fingerprint of everything fed.
 
     Iterating yields ``{input name: array}`` dicts. After iteration, ``batches`` holds how many
     runs were produced, ``samples`` how many samples they held (axis 0 of a batched input; one
-    per run otherwise) and ``fingerprint()`` the SHA-256 of everything fed.
+    per run otherwise) and ``fingerprint()`` the SHA-256 of the per-run digests in order.
+
+    With ``shard=(k, n)`` only runs whose index is ``k`` modulo ``n`` are read and yielded (the
+    others are not even loaded): ``n`` processes with ``k = 0..n-1`` together see every run once,
+    and :func:`combine_fingerprint` of their ``digests`` equals the unsharded fingerprint.
     """
 
-    def __init__(self, batches: Iterable[dict[str, np.ndarray]], specs: list[InputSpec], description: str, count: int | None):
+    def __init__(
+        self,
+        batches: Iterable[Any],
+        specs: list[InputSpec],
+        description: str,
+        count: int | None,
+        shard: tuple[int, int] = (0, 1),
+    ):
         self._batches = batches
         self.specs = specs
         self.description = description
         self.count = count
+        self.shard = shard
         self.batches = 0
         self.samples = 0
-        self._hash = hashlib.sha256()
+        self.digests: dict[int, str] = {}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for i, batch in enumerate(self._batches):
+        k, n = self.shard
+        for i, item in enumerate(self._batches):
+            if i % n != k:
+                continue
+            batch = item() if callable(item) else item
             checked = _validate(batch, self.specs, i, self.description)
+            h = hashlib.sha256()
             for name in sorted(checked):
                 arr = checked[name]
-                self._hash.update(name.encode())
-                self._hash.update(str(arr.shape).encode())
-                self._hash.update(np.ascontiguousarray(arr).tobytes())
+                h.update(name.encode())
+                h.update(str(arr.shape).encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
+            self.digests[i] = h.hexdigest()
             self.batches += 1
             self.samples += _samples_in(checked, self.specs)
             yield checked
 
     def fingerprint(self) -> str:
-        return self._hash.hexdigest()
+        return combine_fingerprint(self.digests)
+
+
+def combine_fingerprint(digests: Mapping[int, str]) -> str:
+    """SHA-256 over the per-run digests in run order (the same however runs were sharded)."""
+    h = hashlib.sha256()
+    for i in sorted(digests):
+        h.update(f"{i}:{digests[i]}\n".encode())
+    return h.hexdigest()
 
 
 def make_source(
@@ -147,6 +182,7 @@ def make_source(
     batch_size: int = 1,
     seed: int = 0,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> DataSource:
     """Build the data source for ``compare`` (see the module docstring for the accepted data).
 
@@ -164,6 +200,12 @@ def make_source(
         raise UsageError(
             f"--input-shape names {sorted(unknown)}, which are not model inputs; the inputs are {[s.name for s in specs]}"
         )
+    source = _make(data, specs, samples, batch_size, seed, input_shapes)
+    source.shard = shard
+    return source
+
+
+def _make(data, specs, samples, batch_size, seed, input_shapes) -> DataSource:
     if data is None:
         return _random_source(specs, samples or 8, batch_size, seed, input_shapes)
     if isinstance(data, (str, Path)):
@@ -322,13 +364,15 @@ def _folder_source(path: Path, specs: list[InputSpec], samples: int | None, batc
             out[spec.name] = arr
         return out
 
-    def gen() -> Iterator[dict[str, np.ndarray]]:
+    def load(i: int) -> dict[str, np.ndarray]:
+        group = [read(p) for p in files[i * step : (i + 1) * step]]
+        if len(group) == 1:
+            return group[0]
+        return {s.name: np.concatenate([g[s.name] for g in group], axis=0) for s in specs}
+
+    def gen() -> Iterator[Any]:
         for i in range(n):
-            group = [read(p) for p in files[i * step : (i + 1) * step]]
-            if len(group) == 1:
-                yield group[0]
-            else:
-                yield {s.name: np.concatenate([g[s.name] for g in group], axis=0) for s in specs}
+            yield lambda i=i: load(i)  # read only when this run is fed (lazily, and not at all by other shards)
 
     return DataSource(gen(), specs, f"data folder '{path}'", n)
 

@@ -238,3 +238,30 @@ def test_fused_engine_counts_non_finite_values(tmp_path):
     b = qdiff.compare(f, q, data=data, engine="fused").layers.set_index("layer")
     for col in ("nan_float", "inf_float", "nan_quant", "inf_quant", "cosine", "mse", "note"):
         assert a.loc["log", col] == pytest.approx(b.loc["log", col]) if col != "note" else a.loc["log", col] == b.loc["log", col]
+
+
+def test_sharded_workers_equal_single_process(tmp_path):
+    """Accumulators merge exactly: two worker processes give the very same result."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qoperator.onnx")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    x = np.load(SAMPLES / "digits_test.npz")["input"][:11]
+    for i, v in enumerate(x):
+        np.save(folder / f"{i:03d}.npy", v)
+    for data in (SAMPLES / "digits_test.npz", folder, None):
+        a = qdiff.compare(*args, data=data, samples=11)
+        b = qdiff.compare(*args, data=data, samples=11, workers=2)
+        assert a.layers.equals(b.layers) and a.outputs.equals(b.outputs)
+        assert a.meta["data_sha256"] == b.meta["data_sha256"] and b.meta["samples"] == 11
+        assert b.meta["workers"] == 2
+    with pytest.raises(qdiff.UsageError, match="iterator"):
+        qdiff.compare(*args, data=iter([{"input": x[0][None]}]), workers=2)
+
+
+def test_max_memory_fetches_taps_in_groups():
+    args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
+    a = qdiff.compare(*args, data=SAMPLES / "transformer_data.npz", samples=3)
+    b = qdiff.compare(*args, data=SAMPLES / "transformer_data.npz", samples=3, max_memory=8 * 1024)
+    assert any("split into" in n for n in b.meta["notes"])
+    cols = ["cosine", "mse", "max_abs", "sqnr_db", "kl"]
+    np.testing.assert_array_equal(a.layers[cols].to_numpy(), b.layers[cols].to_numpy())
