@@ -67,7 +67,10 @@ DATA_SEED = 20240611
 
 
 def case_models(case: str, workdir: Path) -> tuple[str, str]:
-    """(float path, quant path) of a case; ``midcnn`` is generated into ``workdir`` on first use."""
+    """(float path, quant path) of a case; ``midcnn`` is generated into ``workdir`` on first use.
+
+    Called in the parent: the generation runs in a helper process (see :func:`helper`).
+    """
     if case == "digits":
         return str(SAMPLES_DIR / "digits_cnn.float.onnx"), str(SAMPLES_DIR / "digits_cnn.qdq_per_tensor.onnx")
     if case == "transformer":
@@ -75,7 +78,7 @@ def case_models(case: str, workdir: Path) -> tuple[str, str]:
     if case == "midcnn":
         f, q = workdir / "midcnn.float.onnx", workdir / "midcnn.qdq.onnx"
         if not (f.exists() and q.exists()):
-            build_midcnn(f, q)
+            helper("build_midcnn", {"float": str(f), "quant": str(q)})
         return str(f), str(q)
     raise SystemExit(f"unknown case {case!r}; choose from {', '.join(ALL_CASES)}")
 
@@ -187,6 +190,18 @@ def build_midcnn(float_path: Path, quant_path: Path, seed: int = 7) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _hwm_mb() -> float | None:
+    """VmHWM of this process's address space (Linux), which, unlike ru_maxrss, starts afresh at exec."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def _maxrss_mb() -> float:
     import resource
 
@@ -198,7 +213,6 @@ def run_child(spec: dict) -> dict:
     import resource
 
     # the same imports in every configuration, before the clock starts
-    import numpy as np
     import onnx  # noqa: F401
     import onnxruntime as ort
     import pandas  # noqa: F401
@@ -270,7 +284,7 @@ def run_child(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = cpu.ru_utime + cpu.ru_stime - cpu0
-    return {"seconds": seconds, "cpu_s": cpu_s, "peak_mb": _maxrss_mb(), "base_mb": base_mb, **extra}
+    return {"seconds": seconds, "cpu_s": cpu_s, "peak_mb": _maxrss_mb(), "hwm_mb": _hwm_mb(), "base_mb": base_mb, **extra}
 
 
 def probe_qdq_bytes_per_sample(fpath: str, qpath: str, case: str) -> int:
@@ -358,6 +372,7 @@ def measure(spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: 
         "seconds_all": [round(r["seconds"], 4) for r in ok],
         "cpu_s": best["cpu_s"],
         "peak_mb": statistics.median(r["peak_mb"] for r in ok),
+        "hwm_mb": statistics.median(r["hwm_mb"] for r in ok) if all(r.get("hwm_mb") for r in ok) else None,
         "base_mb": statistics.median(r["base_mb"] for r in ok),
         "runs_started_on_busy_machine": sum(not r["quiet_start"] for r in ok),
     }
@@ -365,6 +380,34 @@ def measure(spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: 
         if key in best:
             agg[key] = best[key]
     return agg
+
+
+def helper(name: str, payload: dict | None = None) -> dict:
+    """Run ``name`` (build_midcnn, probe, versions) in a helper process; its JSON answer.
+
+    The parent never imports numpy, onnx or onnxruntime itself. On Linux a child's ru_maxrss
+    starts from the RSS its parent had when it forked (the kernel carries the old address space's
+    high-water mark over exec), so a parent that had loaded onnxruntime would inflate every
+    child's peak.
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--helper", name, json.dumps(payload or {})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"helper {name} failed (rc {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def run_helper(name: str, payload: dict) -> dict:
+    if name == "build_midcnn":
+        build_midcnn(Path(payload["float"]), Path(payload["quant"]))
+        return {"ok": True}
+    if name == "probe":
+        return {"bytes_per_sample": probe_qdq_bytes_per_sample(payload["float"], payload["quant"], payload["case"])}
+    if name == "versions":
+        return versions()
+    raise SystemExit(f"unknown helper {name!r}")
 
 
 def versions() -> dict:
@@ -464,10 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", help="also write all measurements to this JSON file")
     ap.add_argument("--workdir", help="where the generated midcnn models go (default: a temp dir, removed after)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--helper", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
+        return 0
+    if args.helper:
+        print(json.dumps(run_helper(args.helper[0], json.loads(args.helper[1]))))
         return 0
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -488,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp.name)
 
     started = time.perf_counter()
-    vers = versions()  # before the runs: the qdiff being measured
+    vers = helper("versions")  # before the runs: the qdiff being measured
     print(f"qdiff {vers['qdiff']} at {vers['git_commit']}{' (modified)' if vers['qdiff_source_modified'] else ''}, "
           f"onnxruntime {vers['onnxruntime']}, {vers['cpu_count']} CPUs", file=sys.stderr)
     load_start = _loadavg()
@@ -501,7 +548,11 @@ def main(argv: list[str] | None = None) -> int:
             fpath, qpath = case_models(case, workdir)
             if case == "midcnn":
                 print(f"[{case}] generated and quantized in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-            per_sample = probe_qdq_bytes_per_sample(fpath, qpath, case) if "qdq_loss_debug" in configs else None
+            per_sample = (
+                helper("probe", {"float": fpath, "quant": qpath, "case": case})["bytes_per_sample"]
+                if "qdq_loss_debug" in configs
+                else None
+            )
             for n in counts:
                 row: dict = {"case": case, "samples": n}
                 for config in configs:
@@ -519,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
                     m = row[config]
                     msg = (
                         f"{m['seconds']:.3f} s (runs {m['seconds_all']}, {m['runs_started_on_busy_machine']} on a busy machine), "
-                        f"peak {m['peak_mb']:.0f} MB"
+                        f"peak {m['peak_mb']:.0f} MB (VmHWM {_f(m.get('hwm_mb'), '.0f')})"
                         if m["status"] == "ok"
                         else m["status"]
                     )

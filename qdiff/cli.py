@@ -224,13 +224,9 @@ def _compare(args: argparse.Namespace) -> int:
     from qdiff.errors import UsageError
     from qdiff.render import compare_renderable
 
-    if args.top is not None and args.top < 1:
-        raise UsageError(f"--top must be at least 1, got {args.top}")
-    from qdiff.cli_report import check_report_options, write_reports
+    from qdiff.cli_report import write_reports
 
-    for opt in ("csv", "json"):
-        _check_writable(getattr(args, opt), f"--{opt}")
-    check_report_options(args, "compare")
+    _check_outputs(args, "compare")
     if args.quant_only and args.models:
         raise UsageError("--quant-only takes the quantized model itself; give no FLOAT QUANT with it")
     if not args.quant_only and len(args.models) != 2:
@@ -281,17 +277,12 @@ def _compare(args: argparse.Namespace) -> int:
 def _sensitivity(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qdiff.errors import UsageError
     from qdiff.render import sensitivity_renderable
     from qdiff.sensitivity import sensitivity
 
-    if args.top is not None and args.top < 1:
-        raise UsageError(f"--top must be at least 1, got {args.top}")
-    from qdiff.cli_report import check_report_options, write_reports
+    from qdiff.cli_report import write_reports
 
-    for opt in ("csv", "json"):
-        _check_writable(getattr(args, opt), f"--{opt}")
-    check_report_options(args, "sensitivity")
+    _check_outputs(args, "sensitivity")
     with _progress("measuring") as progress:
         result = sensitivity(
             args.float_model,
@@ -450,6 +441,18 @@ def _match(args: argparse.Namespace) -> int:
         else:
             alignment.to_json(args.output)
     return 0
+
+
+def _check_outputs(args: argparse.Namespace, kind: str) -> None:
+    """Validate --top and every output file option before the (long) run starts."""
+    from qdiff.cli_report import check_report_options
+    from qdiff.errors import UsageError
+
+    if args.top is not None and args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    for opt in ("csv", "json"):
+        _check_writable(getattr(args, opt), f"--{opt}")
+    check_report_options(args, kind)
 
 
 def console() -> Any:

@@ -113,16 +113,9 @@ def compare(
         QdiffError: a subclass naming what is wrong with the models, data or options.
     """
     started = time.perf_counter()
-    f_loaded = load_model(float_model, role="float model")
-    q_loaded = load_model(quant_model, role="quantized model")
-    if session_factory is None:
-        options = SessionOptions(provider=resolve_provider(provider))
-        session_factory = default_session_factory(options)
-    else:
-        options = SessionOptions(provider="custom session factory")
-    fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
-    f_specs, q_specs = input_specs(fg), input_specs(qg)
-    check_same_inputs(f_specs, q_specs, f_loaded.label, q_loaded.label)
+    f_loaded, q_loaded, fg, qg, f_specs, session_factory, options = load_pair(
+        float_model, quant_model, provider, session_factory
+    )
     source = make_source(
         data, f_specs, samples=samples, batch_size=batch_size, seed=seed, input_shapes=parse_input_shapes(input_shapes)
     )
@@ -583,6 +576,26 @@ class _FusedEngine(_Engine):
             results[key] = (metrics.sample_metrics_from_sums(v), shape)
         top1 = {self.top1_index[j]: (int(v[0]), int(v[1])) for j, v in enumerate(t1)}
         return _Step(results, top1, qouts)
+
+
+def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, session_factory: SessionFactory | None):
+    """Load both models, check they take the same inputs, and settle the session factory.
+
+    Returns:
+        ``(float LoadedModel, quant LoadedModel, float Graph, quant Graph, float input specs,
+        session factory, SessionOptions recorded in meta)``.
+    """
+    f_loaded = load_model(float_model, role="float model")
+    q_loaded = load_model(quant_model, role="quantized model")
+    if session_factory is None:
+        options = SessionOptions(provider=resolve_provider(provider))
+        session_factory = default_session_factory(options)
+    else:
+        options = SessionOptions(provider="custom session factory")
+    fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
+    f_specs = input_specs(fg)
+    check_same_inputs(f_specs, input_specs(qg), f_loaded.label, q_loaded.label)
+    return f_loaded, q_loaded, fg, qg, f_specs, session_factory, options
 
 
 def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:

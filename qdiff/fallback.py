@@ -21,8 +21,6 @@ leaves it there and ``resume=True`` continues from it.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os

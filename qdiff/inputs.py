@@ -294,7 +294,7 @@ def _array_source(
         arr = arrays[spec.name]
         rank = len(spec.shape)
         if arr.ndim == rank + 1:  # one sample per index, the model input has no batch axis
-            step, add_axis = 1, False
+            step = 1
             if batch_size != 1:
                 _effective_batch(spec, batch_size, where)  # a fixed batch dimension says so itself
                 raise UsageError(f"input '{spec.name}' has no batch axis; use --batch-size 1")

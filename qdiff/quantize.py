@@ -41,10 +41,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from qdiff.config import QuantConfig, LayerConfig, LAYER_ACTIVATION_KEYS
-from qdiff.errors import ModelError, QdiffError, UsageError
+from qdiff.config import QuantConfig, LayerConfig
+from qdiff.errors import QdiffError, UsageError
 from qdiff.graph import Graph, ModelLike, load_model
 from qdiff.inputs import DataLike, input_specs, make_source
 from qdiff.passes import PassResult

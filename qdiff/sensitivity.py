@@ -39,19 +39,16 @@ import onnx
 import pandas as pd
 
 from qdiff import metrics
-from qdiff.compare import _meta, _real, load_tensor_map
+from qdiff.compare import _meta, _real, load_pair, load_tensor_map
 from qdiff.errors import UsageError
-from qdiff.graph import Graph, ModelLike, load_model
-from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
+from qdiff.graph import ModelLike
+from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models
 from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
 from qdiff.runner import (
     SessionFactory,
-    SessionOptions,
-    default_session_factory,
     feed_for,
     open_session,
-    resolve_provider,
     tap_model,
 )
 from qdiff.shadow import build_shadow, keep_float, quantize_only
@@ -193,16 +190,9 @@ def sensitivity(
         raise UsageError("ranking by gain needs the gain measurement; drop --no-gain")
     eval_fn = load_eval(eval)
     started = time.perf_counter()
-    f_loaded = load_model(float_model, role="float model")
-    q_loaded = load_model(quant_model, role="quantized model")
-    if session_factory is None:
-        options = SessionOptions(provider=resolve_provider(provider))
-        session_factory = default_session_factory(options)
-    else:
-        options = SessionOptions(provider="custom session factory")
-    fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
-    f_specs = input_specs(fg)
-    check_same_inputs(f_specs, input_specs(qg), f_loaded.label, q_loaded.label)
+    f_loaded, q_loaded, fg, qg, f_specs, session_factory, options = load_pair(
+        float_model, quant_model, provider, session_factory
+    )
     shapes = parse_input_shapes(input_shapes)
 
     def source():
