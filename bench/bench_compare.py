@@ -55,7 +55,11 @@ CONFIGS = ("floor", "compare", "qdq_loss_debug")
 #   compare_blas1   qdiff.compare in a child whose numpy BLAS (OpenBLAS/MKL/OpenMP) has one thread
 #   compare_fused   qdiff.compare(..., engine="fused") (metrics reduced inside onnxruntime), where qdiff has it
 EXTRA_CONFIGS = ("compare_nospin", "compare_blas1", "compare_fused")
-ONE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+ONE_THREAD_ENV = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+}
 ALL_CASES = ("digits", "transformer", "midcnn")
 IR_VERSION = 10  # onnxruntime <= 1.31 refuses IR 11+; onnx 1.23 writes newer by default
 DATA_SEED = 20240611
@@ -72,9 +76,13 @@ def case_models(case: str, workdir: Path) -> tuple[str, str]:
     Called in the parent: the generation runs in a helper process (see :func:`helper`).
     """
     if case == "digits":
-        return str(SAMPLES_DIR / "digits_cnn.float.onnx"), str(SAMPLES_DIR / "digits_cnn.qdq_per_tensor.onnx")
+        return str(SAMPLES_DIR / "digits_cnn.float.onnx"), str(
+            SAMPLES_DIR / "digits_cnn.qdq_per_tensor.onnx"
+        )
     if case == "transformer":
-        return str(SAMPLES_DIR / "transformer.float.onnx"), str(SAMPLES_DIR / "transformer.qdq.onnx")
+        return str(SAMPLES_DIR / "transformer.float.onnx"), str(
+            SAMPLES_DIR / "transformer.qdq.onnx"
+        )
     if case == "midcnn":
         f, q = workdir / "midcnn.float.onnx", workdir / "midcnn.qdq.onnx"
         if not (f.exists() and q.exists()):
@@ -103,8 +111,14 @@ def case_data(case: str, n: int):
 # the mid-size CNN (generated at run time, never checked in)
 # ---------------------------------------------------------------------------
 
-MIDCNN_STAGES = ((16, 17, 32), (24, 17, 16), (32, 16, 8))  # (channels, conv blocks, spatial size)
-MIDCNN_RESIDUAL_EVERY = 4  # Add the block output to the output `every` blocks back (same channels)
+MIDCNN_STAGES = (
+    (16, 17, 32),
+    (24, 17, 16),
+    (32, 16, 8),
+)  # (channels, conv blocks, spatial size)
+MIDCNN_RESIDUAL_EVERY = (
+    4  # Add the block output to the output `every` blocks back (same channels)
+)
 
 
 def build_midcnn(float_path: Path, quant_path: Path, seed: int = 7) -> None:
@@ -118,7 +132,12 @@ def build_midcnn(float_path: Path, quant_path: Path, seed: int = 7) -> None:
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -131,7 +150,16 @@ def build_midcnn(float_path: Path, quant_path: Path, seed: int = 7) -> None:
     x, cin, k = "input", 3, 0
     for s, (cout, blocks, _size) in enumerate(MIDCNN_STAGES):
         if s > 0:
-            nodes.append(helper.make_node("MaxPool", [x], [f"pool{s}_out"], name=f"pool{s}", kernel_shape=[2, 2], strides=[2, 2]))
+            nodes.append(
+                helper.make_node(
+                    "MaxPool",
+                    [x],
+                    [f"pool{s}_out"],
+                    name=f"pool{s}",
+                    kernel_shape=[2, 2],
+                    strides=[2, 2],
+                )
+            )
             x = f"pool{s}_out"
         skip = None
         for b in range(blocks):
@@ -139,21 +167,50 @@ def build_midcnn(float_path: Path, quant_path: Path, seed: int = 7) -> None:
             w = rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))
             init(f"conv{k}.weight", w)
             init(f"conv{k}.bias", rng.standard_normal(cout) * 0.01)
-            nodes.append(helper.make_node("Conv", [x, f"conv{k}.weight", f"conv{k}.bias"], [f"conv{k}_out"], name=f"conv{k}", pads=[1, 1, 1, 1]))
-            nodes.append(helper.make_node("Relu", [f"conv{k}_out"], [f"relu{k}_out"], name=f"relu{k}"))
+            nodes.append(
+                helper.make_node(
+                    "Conv",
+                    [x, f"conv{k}.weight", f"conv{k}.bias"],
+                    [f"conv{k}_out"],
+                    name=f"conv{k}",
+                    pads=[1, 1, 1, 1],
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "Relu", [f"conv{k}_out"], [f"relu{k}_out"], name=f"relu{k}"
+                )
+            )
             x, cin = f"relu{k}_out", cout
             if b == 0:
                 skip = x
             elif b % MIDCNN_RESIDUAL_EVERY == 0:
-                nodes.append(helper.make_node("Add", [x, skip], [f"add{k}_out"], name=f"add{k}"))
-                nodes.append(helper.make_node("Mul", [f"add{k}_out", half], [f"scale{k}_out"], name=f"scale{k}"))
+                nodes.append(
+                    helper.make_node("Add", [x, skip], [f"add{k}_out"], name=f"add{k}")
+                )
+                nodes.append(
+                    helper.make_node(
+                        "Mul",
+                        [f"add{k}_out", half],
+                        [f"scale{k}_out"],
+                        name=f"scale{k}",
+                    )
+                )
                 x = skip = f"scale{k}_out"
     assert k >= 50, k
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap_out"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap_out"], ["flat_out"], name="flatten"))
     init("fc.weight", rng.standard_normal((10, cin)) * np.sqrt(1.0 / cin))
     init("fc.bias", np.zeros(10))
-    nodes.append(helper.make_node("Gemm", ["flat_out", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    nodes.append(
+        helper.make_node(
+            "Gemm",
+            ["flat_out", "fc.weight", "fc.bias"],
+            ["logits"],
+            name="fc",
+            transB=1,
+        )
+    )
     graph = helper.make_graph(
         nodes,
         "midcnn",
@@ -161,12 +218,16 @@ def build_midcnn(float_path: Path, quant_path: Path, seed: int = 7) -> None:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="qdiff-bench")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="qdiff-bench"
+    )
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
     onnx.save(model, str(float_path))
 
-    calib = np.random.default_rng(seed + 1).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    calib = np.random.default_rng(seed + 1).standard_normal(
+        (16, 3, 32, 32), dtype=np.float32
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -247,7 +308,11 @@ def run_child(spec: dict) -> dict:
                 so = ort.SessionOptions()
                 so.log_severity_level = 3
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+                return ort.InferenceSession(
+                    model.SerializeToString(),
+                    sess_options=so,
+                    providers=["CPUExecutionProvider"],
+                )
 
             kwargs["session_factory"] = factory
         elif config == "compare_fused":
@@ -261,7 +326,10 @@ def run_child(spec: dict) -> dict:
         del result
     elif config == "qdq_loss_debug":
         with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
-            f_aug, q_aug = os.path.join(tmp, "float_aug.onnx"), os.path.join(tmp, "qdq_aug.onnx")
+            f_aug, q_aug = (
+                os.path.join(tmp, "float_aug.onnx"),
+                os.path.join(tmp, "qdq_aug.onnx"),
+            )
             qld.modify_model_output_intermediate_tensors(fpath, f_aug)
             qld.modify_model_output_intermediate_tensors(qpath, q_aug)
 
@@ -284,7 +352,14 @@ def run_child(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = cpu.ru_utime + cpu.ru_stime - cpu0
-    return {"seconds": seconds, "cpu_s": cpu_s, "peak_mb": _maxrss_mb(), "hwm_mb": _hwm_mb(), "base_mb": base_mb, **extra}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "peak_mb": _maxrss_mb(),
+        "hwm_mb": _hwm_mb(),
+        "base_mb": base_mb,
+        **extra,
+    }
 
 
 def probe_qdq_bytes_per_sample(fpath: str, qpath: str, case: str) -> int:
@@ -333,9 +408,19 @@ def wait_quiet(max_wait: float) -> bool:
 def spawn(spec: dict, timeout: float, quiet_wait: float) -> dict:
     quiet = wait_quiet(quiet_wait)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    env = {**os.environ, **ONE_THREAD_ENV} if spec["config"] == "compare_blas1" else None
+    env = (
+        {**os.environ, **ONE_THREAD_ENV} if spec["config"] == "compare_blas1" else None
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT), env=env)
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(ROOT),
+            env=env,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"status": f"timeout ({timeout:.0f} s)"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -345,7 +430,9 @@ def spawn(spec: dict, timeout: float, quiet_wait: float) -> dict:
     return {"status": "ok", "quiet_start": quiet, **json.loads(lines[-1])}
 
 
-def measure(spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: float) -> dict:
+def measure(
+    spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: float
+) -> dict:
     """Run a configuration up to ``repeat`` times (fewer once ``budget`` s are spent).
 
     Wall time: the minimum over runs (the least disturbed one; other load on the machine only ever
@@ -372,11 +459,20 @@ def measure(spec: dict, repeat: int, timeout: float, quiet_wait: float, budget: 
         "seconds_all": [round(r["seconds"], 4) for r in ok],
         "cpu_s": best["cpu_s"],
         "peak_mb": statistics.median(r["peak_mb"] for r in ok),
-        "hwm_mb": statistics.median(r["hwm_mb"] for r in ok) if all(r.get("hwm_mb") for r in ok) else None,
+        "hwm_mb": statistics.median(r["hwm_mb"] for r in ok)
+        if all(r.get("hwm_mb") for r in ok)
+        else None,
         "base_mb": statistics.median(r["base_mb"] for r in ok),
         "runs_started_on_busy_machine": sum(not r["quiet_start"] for r in ok),
     }
-    for key in ("inference_s", "pairs", "samples_seen", "engine", "activations_matched", "tensors_kept"):
+    for key in (
+        "inference_s",
+        "pairs",
+        "samples_seen",
+        "engine",
+        "activations_matched",
+        "tensors_kept",
+    ):
         if key in best:
             agg[key] = best[key]
     return agg
@@ -390,8 +486,16 @@ def helper(name: str, payload: dict | None = None) -> dict:
     high-water mark over exec), so a parent that had loaded onnxruntime would inflate every
     child's peak.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--helper", name, json.dumps(payload or {})]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--helper",
+        name,
+        json.dumps(payload or {}),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=str(ROOT), check=False
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr)
@@ -404,7 +508,11 @@ def run_helper(name: str, payload: dict) -> dict:
         build_midcnn(Path(payload["float"]), Path(payload["quant"]))
         return {"ok": True}
     if name == "probe":
-        return {"bytes_per_sample": probe_qdq_bytes_per_sample(payload["float"], payload["quant"], payload["case"])}
+        return {
+            "bytes_per_sample": probe_qdq_bytes_per_sample(
+                payload["float"], payload["quant"], payload["case"]
+            )
+        }
     if name == "versions":
         return versions()
     raise SystemExit(f"unknown helper {name!r}")
@@ -419,7 +527,14 @@ def versions() -> dict:
 
     def git(*cmd: str) -> str | None:
         try:
-            out = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=str(ROOT), timeout=10)
+            out = subprocess.run(
+                ["git", *cmd],
+                capture_output=True,
+                text=True,
+                cwd=str(ROOT),
+                timeout=10,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -450,7 +565,13 @@ def _f(v, fmt):
     return "–" if v is None else format(v, fmt)
 
 
-SHORT = {"compare": "compare", "qdq_loss_debug": "qdq", "compare_nospin": "nospin", "compare_blas1": "blas1", "compare_fused": "fused"}
+SHORT = {
+    "compare": "compare",
+    "qdq_loss_debug": "qdq",
+    "compare_nospin": "nospin",
+    "compare_blas1": "blas1",
+    "compare_fused": "fused",
+}
 
 
 def table(rows: list[dict], configs: list[str]) -> str:
@@ -462,22 +583,36 @@ def table(rows: list[dict], configs: list[str]) -> str:
     for c in others[:1]:
         head += [f"{c} peak MB", f"{SHORT[c]}/floor peak"]
     for c in others[1:]:
-        head += [f"{c} s", f"{SHORT[c]}/floor time", f"{c} peak MB", f"{SHORT[c]}/floor peak"]
+        head += [
+            f"{c} s",
+            f"{SHORT[c]}/floor time",
+            f"{c} peak MB",
+            f"{SHORT[c]}/floor peak",
+        ]
     out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for r in rows:
         fl = r["floor"]
         f_ok = fl.get("status") == "ok"
 
-        def cells(m):
+        def cells(m, fl=fl, f_ok=f_ok):
             if m is None:
                 return ["–"] * 4
             if m["status"] != "ok":
                 return [m["status"], "–", "–", "–"]
             t = m["seconds"] / fl["seconds"] if f_ok else None
             p = m["peak_mb"] / fl["peak_mb"] if f_ok else None
-            return [_f(m["seconds"], ".3f"), _f(t, ".2f") + "x", _f(m["peak_mb"], ".0f"), _f(p, ".2f") + "x"]
+            return [
+                _f(m["seconds"], ".3f"),
+                _f(t, ".2f") + "x",
+                _f(m["peak_mb"], ".0f"),
+                _f(p, ".2f") + "x",
+            ]
 
-        line = [r["case"], str(r["samples"]), _f(fl["seconds"], ".3f") if f_ok else fl["status"]]
+        line = [
+            r["case"],
+            str(r["samples"]),
+            _f(fl["seconds"], ".3f") if f_ok else fl["status"],
+        ]
         for c in others[:1]:
             line += cells(r.get(c))[:2]
         line += [_f(fl["peak_mb"], ".0f") if f_ok else "–"]
@@ -491,21 +626,57 @@ def table(rows: list[dict], configs: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma list of {', '.join(ALL_CASES)}")
+    ap.add_argument(
+        "--cases",
+        default=",".join(ALL_CASES),
+        help=f"comma list of {', '.join(ALL_CASES)}",
+    )
     ap.add_argument("--samples", default="8,64,512", help="comma list of sample counts")
     ap.add_argument(
         "--configs",
         default=",".join(CONFIGS),
         help=f"comma list of {', '.join(CONFIGS + EXTRA_CONFIGS)} (floor always runs; default: {', '.join(CONFIGS)})",
     )
-    ap.add_argument("--repeat", type=int, default=3, help="fresh processes per configuration; fastest reported (default 3)")
-    ap.add_argument("--repeat-budget", type=float, default=30, help="stop repeating a configuration after this many seconds of runs")
-    ap.add_argument("--quiet-wait", type=float, default=10, help="before each run, wait up to this long for no other runnable tasks")
-    ap.add_argument("--qdq-max-samples", type=int, default=None, help="skip qdq_loss_debug above this many samples")
-    ap.add_argument("--qdq-max-mb", type=float, default=8192, help="skip qdq_loss_debug when it would keep more than this (MB)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per child process")
-    ap.add_argument("--json", dest="json_out", help="also write all measurements to this JSON file")
-    ap.add_argument("--workdir", help="where the generated midcnn models go (default: a temp dir, removed after)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="fresh processes per configuration; fastest reported (default 3)",
+    )
+    ap.add_argument(
+        "--repeat-budget",
+        type=float,
+        default=30,
+        help="stop repeating a configuration after this many seconds of runs",
+    )
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=10,
+        help="before each run, wait up to this long for no other runnable tasks",
+    )
+    ap.add_argument(
+        "--qdq-max-samples",
+        type=int,
+        default=None,
+        help="skip qdq_loss_debug above this many samples",
+    )
+    ap.add_argument(
+        "--qdq-max-mb",
+        type=float,
+        default=8192,
+        help="skip qdq_loss_debug when it would keep more than this (MB)",
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=600, help="seconds per child process"
+    )
+    ap.add_argument(
+        "--json", dest="json_out", help="also write all measurements to this JSON file"
+    )
+    ap.add_argument(
+        "--workdir",
+        help="where the generated midcnn models go (default: a temp dir, removed after)",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--helper", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -520,7 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     counts = [int(s) for s in args.samples.split(",") if s.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = (set(cases) - set(ALL_CASES)) | (set(configs) - set(CONFIGS) - set(EXTRA_CONFIGS))
+    unknown = (set(cases) - set(ALL_CASES)) | (
+        set(configs) - set(CONFIGS) - set(EXTRA_CONFIGS)
+    )
     if unknown:
         raise SystemExit(f"unknown: {', '.join(sorted(unknown))}")
     if "floor" not in configs:
@@ -536,20 +709,31 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     vers = helper("versions")  # before the runs: the qdiff being measured
-    print(f"qdiff {vers['qdiff']} at {vers['git_commit']}{' (modified)' if vers['qdiff_source_modified'] else ''}, "
-          f"onnxruntime {vers['onnxruntime']}, {vers['cpu_count']} CPUs", file=sys.stderr)
+    print(
+        f"qdiff {vers['qdiff']} at {vers['git_commit']}{' (modified)' if vers['qdiff_source_modified'] else ''}, "
+        f"onnxruntime {vers['onnxruntime']}, {vers['cpu_count']} CPUs",
+        file=sys.stderr,
+    )
     load_start = _loadavg()
     if not wait_quiet(args.quiet_wait):
-        print("warning: other tasks keep running on this machine; timings will be noisy", file=sys.stderr)
+        print(
+            "warning: other tasks keep running on this machine; timings will be noisy",
+            file=sys.stderr,
+        )
     rows: list[dict] = []
     try:
         for case in cases:
             t = time.perf_counter()
             fpath, qpath = case_models(case, workdir)
             if case == "midcnn":
-                print(f"[{case}] generated and quantized in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+                print(
+                    f"[{case}] generated and quantized in {time.perf_counter() - t:.1f} s",
+                    file=sys.stderr,
+                )
             per_sample = (
-                helper("probe", {"float": fpath, "quant": qpath, "case": case})["bytes_per_sample"]
+                helper("probe", {"float": fpath, "quant": qpath, "case": case})[
+                    "bytes_per_sample"
+                ]
                 if "qdq_loss_debug" in configs
                 else None
             )
@@ -559,14 +743,33 @@ def main(argv: list[str] | None = None) -> int:
                     if config == "qdq_loss_debug":
                         est_mb = per_sample * n / 2**20
                         row["qdq_loss_debug_kept_mb_est"] = round(est_mb, 1)
-                        if args.qdq_max_samples is not None and n > args.qdq_max_samples:
-                            row[config] = {"status": f"skipped (> {args.qdq_max_samples} samples)"}
+                        if (
+                            args.qdq_max_samples is not None
+                            and n > args.qdq_max_samples
+                        ):
+                            row[config] = {
+                                "status": f"skipped (> {args.qdq_max_samples} samples)"
+                            }
                             continue
                         if est_mb > args.qdq_max_mb:
-                            row[config] = {"status": f"skipped (would keep ~{est_mb:.0f} MB)"}
+                            row[config] = {
+                                "status": f"skipped (would keep ~{est_mb:.0f} MB)"
+                            }
                             continue
-                    spec = {"case": case, "samples": n, "config": config, "float": fpath, "quant": qpath}
-                    row[config] = measure(spec, args.repeat, args.timeout, args.quiet_wait, args.repeat_budget)
+                    spec = {
+                        "case": case,
+                        "samples": n,
+                        "config": config,
+                        "float": fpath,
+                        "quant": qpath,
+                    }
+                    row[config] = measure(
+                        spec,
+                        args.repeat,
+                        args.timeout,
+                        args.quiet_wait,
+                        args.repeat_budget,
+                    )
                     m = row[config]
                     msg = (
                         f"{m['seconds']:.3f} s (runs {m['seconds_all']}, {m['runs_started_on_busy_machine']} on a busy machine), "
