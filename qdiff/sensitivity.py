@@ -41,7 +41,7 @@ import pandas as pd
 from qdiff import metrics
 from qdiff.compare import _meta, _real, load_pair, load_tensor_map
 from qdiff.errors import UsageError
-from qdiff.graph import ModelLike
+from qdiff.graph import Graph, ModelLike
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models
 from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
@@ -260,6 +260,70 @@ def sensitivity(
     return SensitivityResult(layers, meta)
 
 
+class _Edited:
+    """An edited model run as the part downstream of the edit, fed the base model's activations.
+
+    The nodes an edit added (names starting with ``marker``) and everything that reads their
+    results, transitively, form the *suffix*; whatever else the suffix reads is identical to the
+    base model and is taken from the base model's run of the same sample. Outputs the edit cannot
+    reach are the base model's. When the suffix cannot be cut out (a tensor of unknown type, a
+    control-flow node), the whole edited model runs.
+    """
+
+    def __init__(self, model: onnx.ModelProto, marker: str, outputs: list[str], factory: SessionFactory, label: str):
+        self.outputs = outputs
+        cut = _suffix(model, marker, outputs)
+        if cut is None:
+            self.sub, self.inputs, self.produced = model, [], set(outputs)
+            self.whole = True
+        else:
+            self.sub, self.inputs, self.produced = cut
+            self.whole = False
+        self.sess, _ = open_session(factory, self.sub, label)
+        self.run_outputs = [o for o in outputs if o in self.produced]
+
+    def run(self, batch: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if self.whole:
+            return self.sess.run(self.outputs, feed_for(self.sess, batch))
+        feed = {name: (batch[name] if name in batch else base[name]) for name in self.inputs}
+        vals = dict(zip(self.run_outputs, self.sess.run(self.run_outputs, feed_for(self.sess, feed)) if self.run_outputs else []))
+        return [vals[o] if o in vals else base[o] for o in self.outputs]
+
+
+def _suffix(model: onnx.ModelProto, marker: str, outputs: list[str]):
+    """(sub-model, its inputs, tensors it produces) for the part of ``model`` downstream of ``marker`` nodes."""
+    from onnx import helper
+
+    g = model.graph
+    produced: set[str] = set()
+    nodes = []
+    for n in g.node:
+        if n.name.startswith(marker) or any(i in produced for i in n.input if i):
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+                return None
+            nodes.append(n)
+            produced.update(o for o in n.output if o)
+    if not nodes:
+        return None
+    inits = {t.name: t for t in g.initializer}
+    needed = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in produced and i not in inits))
+    view = Graph(model)
+    inputs = []
+    for name in needed:
+        et = view.elem_type(name)
+        if et is None:
+            return None
+        inputs.append(helper.make_tensor_value_info(name, et, None))
+    outs = [o for o in outputs if o in produced]
+    sub = helper.make_graph(
+        nodes, "qdiff_suffix", inputs, [onnx.ValueInfoProto(name=o) for o in outs],
+        [inits[i] for i in dict.fromkeys(i for n in nodes for i in n.input if i in inits)],
+    )  # fmt: skip
+    m = helper.make_model(sub, opset_imports=list(model.opset_import))
+    m.ir_version = model.ir_version
+    return m, needed, produced
+
+
 def _gains_cosine(
     fp: onnx.ModelProto,
     qp: onnx.ModelProto,
@@ -269,40 +333,51 @@ def _gains_cosine(
     source: Callable[[], Any],
     progress: Progress | None,
 ) -> tuple[dict[str, tuple[float | None, float | None]], dict[str, Any]]:
-    """Mean final-output cosine of each edited model, in groups of sessions run together."""
-    f_sess, _ = open_session(factory, fp, "float model")
-    base_sess, _ = open_session(factory, qp, "quantized model")
+    """Mean final-output cosine of each edited model, in groups run together over the data.
+
+    Each edited model runs only downstream of its edit (:class:`_Edited`), fed from one tapped
+    run of the base quantized / float model per sample.
+    """
     names_f = [o.float_tensor for o in outputs]
     names_q = [o.quant_tensor for o in outputs]
     base = [metrics.TensorAccumulator() for _ in outputs]
     keep: dict[str, list[metrics.TensorAccumulator]] = {}
     solo: dict[str, list[metrics.TensorAccumulator]] = {}
     failed: dict[str, str] = {}
+    whole = 0
     total = len(regions)
     done = 0
     for start in range(0, total, _GROUP):
         group = regions[start : start + _GROUP]
-        sessions = []
+        edited = []
         for r in group:
             try:
-                ks, _ = open_session(factory, keep_float(qp, fp, r), f"{r.layer} kept in float")
-                ss, _ = open_session(factory, quantize_only(fp, qp, r), f"{r.layer} quantized alone")
+                ks = _Edited(keep_float(qp, fp, r), "qdiff_", names_q, factory, f"{r.layer} kept in float")
+                ss = _Edited(quantize_only(fp, qp, r), "qdiff_", names_f, factory, f"{r.layer} quantized alone")
             except Exception as exc:  # an edit onnxruntime rejects: report it for that layer
                 failed[r.layer] = f"edited model did not load: {str(exc).splitlines()[0][:200]}"
                 continue
-            sessions.append((r, ks, ss))
+            whole += ks.whole + ss.whole
+            edited.append((r, ks, ss))
             keep[r.layer] = [metrics.TensorAccumulator() for _ in outputs]
             solo[r.layer] = [metrics.TensorAccumulator() for _ in outputs]
+        q_taps = list(dict.fromkeys(names_q + [i for _, ks, _ in edited for i in ks.inputs]))
+        f_taps = list(dict.fromkeys(names_f + [i for _, _, ss in edited for i in ss.inputs]))
+        q_sess, _ = open_session(factory, tap_model(qp, q_taps), "quantized model")
+        f_sess, _ = open_session(factory, tap_model(fp, f_taps), "float model")
         for batch in source():
-            ref = f_sess.run(names_f, feed_for(f_sess, batch))
+            f_base = dict(zip(f_taps, f_sess.run(f_taps, feed_for(f_sess, batch))))
+            q_base = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
+            ref = [f_base[n] for n in names_f]
             if start == 0:
-                for k, v in enumerate(base_sess.run(names_q, feed_for(base_sess, batch))):
-                    base[k].update(ref[k], v)
-            for r, ks, ss in sessions:
-                for k, v in enumerate(ks.run(names_q, feed_for(ks, batch))):
+                for k, n in enumerate(names_q):
+                    base[k].update(ref[k], q_base[n])
+            for r, ks, ss in edited:
+                for k, v in enumerate(ks.run(batch, q_base)):
                     keep[r.layer][k].update(ref[k], v)
-                for k, v in enumerate(ss.run(names_f, feed_for(ss, batch))):
+                for k, v in enumerate(ss.run(batch, f_base)):
                     solo[r.layer][k].update(ref[k], v)
+            del f_base, q_base
         done += len(group)
         if progress is not None:
             progress("gain", done, total)
@@ -324,6 +399,7 @@ def _gains_cosine(
         "float_metric": 1.0,
         "keep_float_metric": keep_metric,
         "gain_failures": failed,
+        "gain_whole_model_runs": whole,
     }
 
 

@@ -134,6 +134,8 @@ def test_isolated_error_and_gain_match_numpy(tmp_path):
         keep.append(_cos(y, h_q @ w2))
     assert rows.loc["mm2", "isolated_cosine"] == pytest.approx(np.mean(iso), abs=1e-6)
     assert rows.loc["mm2", "gain"] == pytest.approx(np.mean(keep) - np.mean(base), abs=1e-6)
+    # the edited models ran only downstream of their edit, fed the base models' activations
+    assert r.meta["gain_whole_model_runs"] == 0
     assert r.meta["base_metric"] == pytest.approx(np.mean(base), abs=1e-6)
     # noise floor from the output step
     assert rows.loc["mm2", "noise_floor"] == pytest.approx(float(p["y_scale"]) ** 2 / 12)
