@@ -344,6 +344,7 @@ def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, pr
     broken: dict[int, str] = {}
     deployed_diff: float | None = None
     run_seconds = 0.0
+    buffers: dict[int, list] = {}
     for b, batch in enumerate(source):
         t0 = time.perf_counter()
         try:
@@ -373,15 +374,26 @@ def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, pr
             if isinstance(value, str):
                 broken[key] = value
                 continue
-            m, shape = value
+            m, shape = value[0], value[1]
             if shape is not None:
                 shapes[key] = shape
-            (accs[key] if key >= 0 else out_accs[-1 - key]).add(m)
+            acc = accs[key] if key >= 0 else out_accs[-1 - key]
+            if m is not None:
+                acc.add(m)
+                continue
+            buf = buffers.setdefault(key, [])
+            if buf and np.size(buf[0][0]) != np.size(value[2]):
+                _flush(buf, acc)
+            buf.append((value[2], value[3]))
+            if len(buf) * np.size(value[2]) * 16 >= _ROWS_BUFFER_BYTES or len(buf) >= _ROWS_MAX:
+                _flush(buf, acc)
         for k, (rows, agree) in step.top1.items():
             top1[k].rows += rows
             top1[k].agree += agree
         if progress is not None:
             progress(b + 1, source.count)
+    for key, buf in buffers.items():
+        _flush(buf, accs[key] if key >= 0 else out_accs[-1 - key])
     return _Measured(
         accs, out_accs, top1, shapes, broken, notes, deployed_diff, run_seconds, engine_used,
         source.batches, source.samples, dict(source.digests),
@@ -509,11 +521,33 @@ class _NumpyEngine(_Engine):
                     f"{list(np.shape(cand))} in the quantized model"
                 )
                 continue
-            results[key] = (metrics.sample_metrics(ref, cand), list(np.shape(ref)))
+            if np.size(ref) <= _ROWS_MAX_ELEMENTS:
+                # small tensors: buffered and reduced many samples at a time (see _measure)
+                results[key] = (None, list(np.shape(ref)), np.asarray(ref), np.asarray(cand))
+            else:
+                results[key] = (metrics.sample_metrics(ref, cand), list(np.shape(ref)))
             if key < 0 and metrics.looks_like_class_scores(np.shape(ref)):
                 t = metrics.Top1Accumulator()
                 t.update(ref, cand)
                 top1[-1 - key] = (t.rows, t.agree)
+
+
+#: tensors up to this many elements are reduced many samples at a time (numpy call overhead
+#: dominates small tensors); the buffer holds at most _ROWS_MAX samples or _ROWS_BUFFER_BYTES
+_ROWS_MAX_ELEMENTS = 8192
+_ROWS_MAX = 256
+_ROWS_BUFFER_BYTES = 4 << 20
+
+
+def _flush(buf: list, acc: metrics.TensorAccumulator) -> None:
+    """Reduce the buffered samples of one pair (row by row results, independent of the grouping)."""
+    if not buf:
+        return
+    refs = np.stack([np.ravel(r) for r, _ in buf])
+    cands = np.stack([np.ravel(c) for _, c in buf])
+    for m in metrics.sample_metrics_rows(refs, cands):
+        acc.add(m)
+    buf.clear()
 
 
 def _group_by_memory(keyed: list, fg: Graph, budget: int) -> list[list]:

@@ -741,3 +741,27 @@ def test_public_api():
         assert hasattr(qm, name), name
     assert SQNR_CAP_DB == 200.0 and KL_BINS == 128 and EPS == 1e-10
     assert isinstance(sample_metrics([1.0], [1.0]), SampleMetrics)
+
+
+def test_rows_agree_with_per_sample_metrics_and_do_not_depend_on_grouping():
+    from qdiff.metrics import sample_metrics, sample_metrics_rows
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(12, 300)).astype(np.float32)
+    c = (r + 0.02 * rng.normal(size=r.shape)).astype(np.float32)
+    r[1] = 0.0
+    c[1] = 0.0  # both zero
+    c[2] = 0.0  # one zero
+    r[3] = 2.0
+    c[3] = 2.0  # constant and equal
+    c[4, 7] = np.nan  # non-finite: per-row fallback
+    rows = sample_metrics_rows(r, c)
+    for i, m in enumerate(rows):
+        ref = sample_metrics(r[i], c[i])
+        assert (m.size, m.finite, m.nan_cand) == (ref.size, ref.finite, ref.nan_cand)
+        for f in ("cosine", "mse", "mae", "max_abs", "sqnr_db", "kl"):
+            assert getattr(m, f) == pytest.approx(getattr(ref, f), rel=1e-12, abs=1e-15), (i, f)
+    # a row's values do not depend on the other rows of its stack
+    alone = [sample_metrics_rows(r[i : i + 1], c[i : i + 1])[0] for i in range(12)]
+    halves = sample_metrics_rows(r[:5], c[:5]) + sample_metrics_rows(r[5:], c[5:])
+    assert alone == rows == halves
