@@ -385,7 +385,7 @@ def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, pr
             if buf and np.size(buf[0][0]) != np.size(value[2]):
                 _flush(buf, acc)
             buf.append((value[2], value[3]))
-            if len(buf) * np.size(value[2]) * 16 >= _ROWS_BUFFER_BYTES or len(buf) >= _ROWS_MAX:
+            if len(buf) * np.size(value[2]) * 8 >= _ROWS_BUFFER_BYTES or len(buf) >= _ROWS_MAX:
                 _flush(buf, acc)
         for k, (rows, agree) in step.top1.items():
             top1[k].rows += rows
@@ -533,10 +533,11 @@ class _NumpyEngine(_Engine):
 
 
 #: tensors up to this many elements are reduced many samples at a time (numpy call overhead
-#: dominates small tensors); the buffer holds at most _ROWS_MAX samples or _ROWS_BUFFER_BYTES
-_ROWS_MAX_ELEMENTS = 8192
-_ROWS_MAX = 256
-_ROWS_BUFFER_BYTES = 4 << 20
+#: dominates small tensors); a pair's buffer stays within _ROWS_BUFFER_BYTES of float64 (cache
+#: sized: larger stacks were measured slower, and it bounds memory at ~256 KiB per pair)
+_ROWS_MAX_ELEMENTS = 4096
+_ROWS_MAX = 64
+_ROWS_BUFFER_BYTES = 1 << 18
 
 
 def _flush(buf: list, acc: metrics.TensorAccumulator) -> None:
