@@ -15,7 +15,7 @@ from typing import Any
 
 from qdiff.errors import QdiffError
 
-__all__ = ["main", "check_writable", "console"]
+__all__ = ["main", "add_input_options", "check_writable", "console"]
 
 #: modules adding subcommands: each has ``register(subparsers, parser_class)`` and sets
 #: ``func`` (``args -> exit status``) on its parsers with ``set_defaults``
@@ -40,6 +40,29 @@ def _bytes(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not a size like 512M or 2G") from None
 
 
+def add_input_options(
+    parser: argparse.ArgumentParser,
+    *,
+    samples_default: int | None = None,
+    samples_help: str = "use at most N samples",
+    data_help: str = "inputs (.npz or a folder of .npz/.npy files, as for compare); default: seeded random",
+    batch_size: bool = True,
+) -> None:
+    """The input options every command that runs the models shares (--data, --samples, --seed, ...)."""
+    parser.add_argument("--data", metavar="PATH", help=data_help)
+    parser.add_argument("--samples", type=int, default=samples_default, metavar="N", help=samples_help)
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="samples per run (dynamic batch axis)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs (default 0)")
+    parser.add_argument(
+        "--input-shape", action="append", default=[], metavar="NAME:DIMS",
+        help="shape for random inputs with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--provider", default="CPUExecutionProvider", metavar="EP", help="onnxruntime execution provider (default CPU)"
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from qdiff.cli_report import add_report_options
 
@@ -60,15 +83,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="no float model: compare a QDQ model with itself minus its activation Q/DQ (shows activation quantization error)",
     )  # fmt: skip
     c.add_argument("--map", metavar="FILE", help="JSON/CSV float tensor -> quantized tensor pairs overriding the matching")
-    c.add_argument("--data", metavar="PATH", help=".npz keyed by input name (axis 0 = samples) or a folder of .npz/.npy files")
-    c.add_argument("--samples", type=int, metavar="N", help="use at most N samples (random inputs: default 8)")
-    c.add_argument("--batch-size", type=int, default=1, metavar="B", help="samples per run (dynamic batch axis)")
-    c.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs (default 0)")
-    c.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME:DIMS",
-        help="shape for random inputs with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
+    add_input_options(
+        c, samples_help="use at most N samples (random inputs: default 8)",
+        data_help=".npz keyed by input name (axis 0 = samples) or a folder of .npz/.npy files",
     )  # fmt: skip
-    c.add_argument("--provider", default="CPUExecutionProvider", metavar="EP", help="onnxruntime execution provider (default CPU)")
     c.add_argument("--top", type=int, metavar="K", help="show only the K worst layers, worst first")
     c.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
@@ -92,12 +110,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("float_model", metavar="FLOAT")
     s.add_argument("quant_model", metavar="QUANT")
-    s.add_argument("--data", metavar="PATH", help="as for compare")
-    s.add_argument("--samples", type=int, metavar="N")
-    s.add_argument("--batch-size", type=int, default=1, metavar="B")
-    s.add_argument("--seed", type=int, default=0, metavar="S")
-    s.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS")
-    s.add_argument("--provider", default="CPUExecutionProvider", metavar="EP")
+    add_input_options(s, samples_help="use at most N samples (random inputs: default 8)")
     s.add_argument("--map", metavar="FILE", help="tensor map overriding the matching")
     s.add_argument("--by", default="isolated", choices=["isolated", "gain", "accumulated", "noise"], help="ranking")
     s.add_argument("--no-gain", action="store_true", help="skip fallback gain / solo drop (one model pair per layer)")

@@ -26,6 +26,7 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 def register(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Add ``diagnose`` and ``profile`` to the ``qdiff`` command's subparsers."""
+    from qdiff.cli import add_input_options
     from qdiff.diagnose import CHECKS
 
     d = subparsers.add_parser(
@@ -38,14 +39,10 @@ def register(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> No
     )
     d.add_argument("quant_model", metavar="INT8", help="the quantized model (QDQ, QOperator, dynamic) or an FP16 model")
     d.add_argument("float_model", metavar="FLOAT", nargs="?", help="the float32 model it was made from (optional)")
-    d.add_argument("--data", metavar="PATH", help="inputs for the activation checks (as for compare); default: seeded random")
-    d.add_argument("--samples", type=int, default=8, metavar="N", help="use at most N samples (default 8)")
-    d.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs (default 0)")
-    d.add_argument(
-        "--input-shape", action="append", default=[], metavar="NAME:DIMS",
-        help="shape for random inputs with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
+    add_input_options(
+        d, samples_default=8, samples_help="use at most N samples (default 8)", batch_size=False,
+        data_help="inputs for the activation checks (as for compare); default: seeded random",
     )  # fmt: skip
-    d.add_argument("--provider", default="CPUExecutionProvider", metavar="EP", help="onnxruntime execution provider")
     d.add_argument(
         "--check", action="append", dest="checks", metavar="NAME", choices=list(CHECKS),
         help=f"run only this check (repeatable): {', '.join(CHECKS)}",
@@ -66,12 +63,8 @@ def register(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> No
     )
     p.add_argument("float_model", metavar="FLOAT")
     p.add_argument("quant_model", metavar="INT8")
-    p.add_argument("--data", metavar="PATH", help="inputs (as for compare); default: seeded random")
-    p.add_argument("--samples", type=int, default=8, metavar="N", help="timed runs per model (default 8)")
+    add_input_options(p, samples_default=8, samples_help="timed runs per model (default 8)", batch_size=False)
     p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs per model first (default 2)")
-    p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:DIMS")
-    p.add_argument("--provider", default="CPUExecutionProvider", metavar="EP")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="intra-op threads (default 0: every core)")
     p.add_argument("--json", metavar="FILE", help='write {"layers", "summary", "findings", "nodes", "meta"} as JSON')
     p.add_argument("--csv", metavar="FILE", help="write the per-layer rows as CSV")
@@ -134,15 +127,9 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _num(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "-"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if math.isnan(f):
-        return "-"
-    return f"{f:.{digits}f}"
+    from qdiff.render import _fmt
+
+    return _fmt(v, digits, sci=False)
 
 
 def findings_table(findings: list[Any], title: str) -> Any:

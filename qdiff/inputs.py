@@ -294,12 +294,11 @@ def _array_source(
         arr = arrays[spec.name]
         rank = len(spec.shape)
         if arr.ndim == rank + 1:  # one sample per index, the model input has no batch axis
-            step = 1
             if batch_size != 1:
                 _effective_batch(spec, batch_size, where)  # a fixed batch dimension says so itself
                 raise UsageError(f"input '{spec.name}' has no batch axis; use --batch-size 1")
             n = arr.shape[0]
-            plans[spec.name] = (step, True)
+            plans[spec.name] = (1, True)
         elif arr.ndim == rank and rank > 0:
             step = _effective_batch(spec, batch_size, where)
             n = arr.shape[0]

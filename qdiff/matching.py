@@ -785,14 +785,15 @@ class _Matcher:
 
     def _report_unmatched(self) -> None:
         fg = self.fs.g
+        aligned = set(self.q2f.values())
         for sn in self.fs.nodes:
             if sn.idx in self.matched_f or sn.idx in self.fused or sn.idx in self.skipped_f:
                 continue
             node = fg.nodes[sn.idx]
             if not sn.act:
                 reason = "reads constants only (folded or shape arithmetic); not compared"
-            elif any(r not in self._float_aligned() for _, r in sn.act):
-                missing = next(r for _, r in sn.act if r not in self._float_aligned())
+            elif any(r not in aligned for _, r in sn.act):
+                missing = next(r for _, r in sn.act if r not in aligned)
                 reason = f"its input '{missing}' has no counterpart in the quantized model"
             else:
                 reason = f"no quantized node of type {sn.op} reads the counterparts of its inputs"
@@ -932,11 +933,6 @@ class _Matcher:
             )
             self.unmatched = [u for u in self.unmatched if not (u.side == "float" and u.name == layer)]
         return out
-
-    def _float_aligned(self) -> set[str]:
-        if not hasattr(self, "_aligned_cache"):
-            self._aligned_cache = set(self.q2f.values())
-        return self._aligned_cache
 
     def _weight_pairs(self) -> list[WeightPair]:
         out = []

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 __all__ = ["compare_renderable", "alignment_renderable", "print_compare"]
 
 
-def _fmt(v: Any, digits: int = 6) -> str:
+def _fmt(v: Any, digits: int = 6, sci: bool = True) -> str:
+    """A number for a table cell: '-' for missing/NaN, scientific for very large/small when ``sci``."""
     if v is None:
         return "-"
     try:
@@ -20,7 +21,7 @@ def _fmt(v: Any, digits: int = 6) -> str:
         return str(v)
     if math.isnan(f):
         return "-"
-    if abs(f) >= 1e5 or (0 < abs(f) < 1e-3):
+    if sci and (abs(f) >= 1e5 or (0 < abs(f) < 1e-3)):
         return f"{f:.2e}"
     return f"{f:.{digits}f}"
 
