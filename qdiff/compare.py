@@ -20,6 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,10 +28,10 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from qdiff import metrics
+from qdiff import _kernels, metrics
 from qdiff.errors import QdiffError, UsageError
 from qdiff.fused import FusedUnavailable, build_fused
-from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
+from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import match_models
 from qdiff.result import (
@@ -51,7 +52,7 @@ from qdiff.runner import (
     resolve_provider,
     tap_model,
 )
-from qdiff.structs import Matching, TensorPair, WeightPair
+from qdiff.structs import DequantParams, Matching, TensorPair, WeightPair
 
 __all__ = ["compare", "compare_quant_only", "match", "load_tensor_map"]
 
@@ -132,7 +133,7 @@ def compare(
     if max_memory is not None and max_memory < 1:
         raise UsageError(f"--max-memory must be a positive number of bytes, got {max_memory}")
     if workers == 1:
-        m = _measure(session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory)
+        m = _measure(session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory, qg)
     else:
         m = _measure_sharded(
             float_model, quant_model, data, tensor_map, workers, engine, options,
@@ -159,6 +160,8 @@ def compare(
         notes, deployed_diff, time.perf_counter() - started, run_seconds, matching,
     )  # fmt: skip
     meta["engine"] = engine_used
+    meta["metrics_kernel"] = m.kernel
+    meta["integer_taps"] = m.integer_taps
     meta["workers"] = workers
     meta["warnings"] = warnings
     if len(matching.skipped):
@@ -302,6 +305,8 @@ class _Measured:
     batches: int = 0
     samples: int = 0
     digests: dict[int, str] | None = None
+    kernel: str = "numpy"
+    integer_taps: int = 0
 
     def merge(self, other: _Measured) -> _Measured:
         return _Measured(
@@ -317,11 +322,15 @@ class _Measured:
             self.batches + other.batches,
             self.samples + other.samples,
             {**(self.digests or {}), **(other.digests or {})},
+            self.kernel if self.kernel == other.kernel else f"{self.kernel}+{other.kernel}",
+            max(self.integer_taps, other.integer_taps),
         )
 
 
-def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None) -> _Measured:
-    """One pass over ``source``: run both models per batch, fold every pair into its accumulator."""
+def _measure(
+    factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None, qg=None
+) -> _Measured:
+    """One pass over ``source``: run both models per group of runs, fold every pair into its accumulator."""
     notes: list[str] = []
     engine_used = "numpy"
     eng: _Engine | None = None
@@ -334,8 +343,9 @@ def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, pr
             if engine == "fused":
                 raise UsageError(f"the fused engine cannot run these models: {exc}") from None
             notes.append(f"fused engine unavailable ({exc}); numpy engine used")
+    compiled = _kernels.available()
     if eng is None:
-        eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg)
+        eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg)
         notes += eng.notes
     accs = [metrics.TensorAccumulator() for _ in pairs]
     out_accs = [metrics.TensorAccumulator() for _ in outputs]
@@ -345,59 +355,142 @@ def _measure(factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, pr
     deployed_diff: float | None = None
     run_seconds = 0.0
     buffers: dict[int, list] = {}
-    for b, batch in enumerate(source):
-        t0 = time.perf_counter()
-        try:
-            step = eng.run(batch, first=b == 0)
-        except Exception as exc:  # noqa: BLE001 - any run failure of the fused graph: go on with numpy
-            if not isinstance(eng, _FusedEngine):
-                raise
-            notes.append(f"fused engine failed at sample {b} ({str(exc).splitlines()[0][:200]}); numpy engine used")
-            log.warning(notes[-1])
-            eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs)
-            engine_used = "numpy" if b == 0 else "fused+numpy"
-            step = eng.run(batch, first=True)
-        run_seconds += time.perf_counter() - t0
-        if b == 0 and outputs and step.quant_outputs is not None:
-            # is the tapped quantized model still what the deployed one computes?
-            deployed_sess, _ = open_session(factory, q_loaded.proto, q_loaded.label)
-            names = [o.quant_tensor for o in outputs]
-            deployed = deployed_sess.run(names, feed_for(deployed_sess, batch))
-            deployed_diff = max(
-                _finite_max_diff(_real(d, o), _real(step.quant_outputs[k], o))
-                for k, (d, o) in enumerate(zip(deployed, outputs))
-            )
-            del deployed_sess
+    done = 0
+
+    def take(key: int, value: Any) -> None:
+        if isinstance(value, list):  # runs of different sizes in one group: one at a time
+            for v in value:
+                if key not in broken:
+                    take(key, v)
+            return
+        if isinstance(value, str):
+            broken[key] = value
+            return
+        acc = accs[key] if key >= 0 else out_accs[-1 - key]
+        if isinstance(value, _Computed):
+            if value.shape is not None:
+                shapes[key] = value.shape
+            acc.add(value.metrics)
+            return
+        shape, refs, cands, dq = value
+        if shape is not None:
+            shapes[key] = shape
+        if refs.shape[1] > _ROWS_MAX_ELEMENTS:
+            _reduce_rows(acc, refs, cands, dq, compiled)
+            return
+        buf = buffers.setdefault(key, [])
+        if buf and buf[0][0].shape[1] != refs.shape[1]:
+            _flush(buf, acc, compiled)
+        buf.append((refs, cands, dq))
+        rows = sum(len(r) for r, _, _ in buf)
+        if rows * refs.shape[1] * 8 >= _ROWS_BUFFER_BYTES or rows >= _ROWS_MAX:
+            _flush(buf, acc, compiled)
+
+    def fold(step: _Step) -> None:
         for key, value in step.results.items():
-            if key in broken:
-                continue
-            if isinstance(value, str):
-                broken[key] = value
-                continue
-            m, shape = value[0], value[1]
-            if shape is not None:
-                shapes[key] = shape
-            acc = accs[key] if key >= 0 else out_accs[-1 - key]
-            if m is not None:
-                acc.add(m)
-                continue
-            buf = buffers.setdefault(key, [])
-            if buf and np.size(buf[0][0]) != np.size(value[2]):
-                _flush(buf, acc)
-            buf.append((value[2], value[3]))
-            if len(buf) * np.size(value[2]) * 8 >= _ROWS_BUFFER_BYTES or len(buf) >= _ROWS_MAX:
-                _flush(buf, acc)
+            if key not in broken:
+                take(key, value)
         for k, (rows, agree) in step.top1.items():
             top1[k].rows += rows
             top1[k].agree += agree
+
+    # runs are grouped by global index (run i in group i // K), so shards hold whole groups and
+    # every group is computed the same way however the runs were sharded
+    source.group = eng.runs_per_group
+    # the reduction of a group (compiled kernels and onnxruntime both release the GIL) overlaps
+    # the next group's inference; groups are folded one at a time, in order
+    from concurrent.futures import ThreadPoolExecutor
+
+    reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-fold") if compiled else None
+    folding: Any = None
+    group: list[dict[str, np.ndarray]] = []
+    first = True
+
+    def run(group: list) -> None:
+        nonlocal eng, engine_used, run_seconds, deployed_diff, first, done, folding
+        t0 = time.perf_counter()
+        step, eng, engine_used = _run_group(
+            eng, group, first, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
+        )
+        run_seconds += time.perf_counter() - t0
+        if first and outputs and step.quant_outputs is not None:
+            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, step)
+        first = False
+        if folding is not None:
+            folding.result()
+        folding = reducer.submit(fold, step) if reducer is not None else fold(step)
+        done += len(group)
         if progress is not None:
-            progress(b + 1, source.count)
+            progress(done, source.count)
+
+    try:
+        for batch in source:
+            group.append(batch)
+            if len(group) == eng.runs_per_group:
+                run(group)
+                group = []
+        if group:
+            run(group)
+        if folding is not None:
+            folding.result()
+    finally:
+        if reducer is not None:
+            reducer.shutdown(wait=True, cancel_futures=True)
     for key, buf in buffers.items():
-        _flush(buf, accs[key] if key >= 0 else out_accs[-1 - key])
+        _flush(buf, accs[key] if key >= 0 else out_accs[-1 - key], compiled)
+    notes += [n for n in eng.notes if n not in notes]
     return _Measured(
         accs, out_accs, top1, shapes, broken, notes, deployed_diff, run_seconds, engine_used,
-        source.batches, source.samples, dict(source.digests),
+        source.batches, source.samples, dict(source.digests), "c" if compiled and engine_used != "fused" else "numpy",
+        sum(1 for k, t in getattr(eng, "tap_pairs", {}).items() if k >= 0 and t is not pairs[k]),
     )  # fmt: skip
+
+
+def _run_group(eng, group, first, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled):
+    """Run one group of runs; the fused engine falls back to numpy on a run failure."""
+    try:
+        return eng.run_group(group, first), eng, engine_used
+    except Exception as exc:  # noqa: BLE001 - any run failure of the fused graph: go on with numpy
+        if not isinstance(eng, _FusedEngine):
+            raise
+        notes.append(f"fused engine failed ({str(exc).splitlines()[0][:200]}); numpy engine used")
+        log.warning(notes[-1])
+        eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs, compiled=compiled)
+        return eng.run_group(group, True), eng, ("numpy" if first else "fused+numpy")
+
+
+def _deployed_diff(factory, eng, q_loaded, outputs, step) -> float:
+    """Is the tapped quantized model still what the deployed one computes? (max |difference| of the outputs)"""
+    deployed_sess, _ = open_session(factory, getattr(eng, "deployed_model", q_loaded.proto), q_loaded.label)
+    names = [o.quant_tensor for o in outputs]
+    deployed = deployed_sess.run(names, feed_for(deployed_sess, step.feed))
+    return max(
+        _finite_max_diff(_real(d, o), _real(step.quant_outputs[k], o)) for k, (d, o) in enumerate(zip(deployed, outputs))
+    )
+
+
+def _reduce_rows(acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq, compiled: bool) -> None:
+    """Fold the samples of one pair (one per row of ``refs``/``cands``) into ``acc``."""
+    if compiled:
+        got = _kernels.row_metrics(refs, cands, dq)
+        if got is not None:
+            values, slow_rows, slow = got
+            if slow_rows:
+                keep = np.ones(len(values), dtype=bool)
+                keep[slow_rows] = False
+                values = values[keep]
+                for m in slow:
+                    acc.add(m)
+            acc.add_values(values, refs.shape[1])
+            return
+    if dq is not None:
+        cands = dq.dequantize(cands)
+    if refs.shape[1] > _ROWS_MAX_ELEMENTS:
+        for r, c in zip(refs, cands):
+            acc.add(metrics.sample_metrics(r, c))
+    else:
+        for m in metrics.sample_metrics_rows(refs, cands):
+            acc.add(m)
 
 
 def _portable(model: ModelLike) -> Any:
@@ -420,7 +513,9 @@ def _shard_worker(payload: tuple) -> _Measured:
     matching = match_models(fg, qg, tensor_map)
     factory = default_session_factory(SessionOptions(provider=provider, intra_op_threads=threads))
     source = make_source(data, input_specs(fg), shard=shard, **source_kwargs)
-    return _measure(factory, f_loaded, q_loaded, fg, list(matching.pairs), list(matching.outputs), source, engine, None, max_memory)
+    return _measure(
+        factory, f_loaded, q_loaded, fg, list(matching.pairs), list(matching.outputs), source, engine, None, max_memory, qg
+    )
 
 
 def _measure_sharded(
@@ -456,83 +551,301 @@ def _measure_sharded(
 
 
 @dataclass
+class _Computed:
+    """A pair's metrics for one run, already reduced (the fused engine)."""
+
+    metrics: metrics.SampleMetrics
+    shape: list[int] | None
+
+
+@dataclass
 class _Step:
-    """What one batch gave: per key (pair index, or -1-k for output k) metrics+shape or a broken reason."""
+    """What one group of runs gave.
+
+    ``results``: per key (pair index, or -1-k for output k) either a reason the pair is broken, or
+    ``(per-run shape, refs [runs, n], cands [runs, n], per-tensor DequantParams or None)``, one row
+    per run. ``feed``: what the quantized model was fed (for the deployed-model check).
+    """
 
     results: dict[int, Any]
     top1: dict[int, tuple[int, int]]
     quant_outputs: list[np.ndarray] | None
+    feed: Mapping[str, np.ndarray] | None = None
 
 
 class _Engine:
     notes: list[str]
+    runs_per_group: int = 1
 
-    def run(self, batch: Mapping[str, np.ndarray], first: bool) -> _Step:  # pragma: no cover - interface
+    def run_group(self, group: list[Mapping[str, np.ndarray]], first: bool) -> _Step:  # pragma: no cover
         raise NotImplementedError
 
 
-class _NumpyEngine(_Engine):
-    """Both models tapped; every pair's tensors copied out and reduced in numpy.
+#: the tapped tensors of one group of runs stay within this many bytes (static estimate); groups
+#: are what onnxruntime runs at once when the models' batch axis allows it
+_GROUP_BYTES = 12 << 20
+_GROUP_MAX_RUNS = 64
+_BATCH_DIM = "qdiff_runs"
 
-    With a memory budget the pairs are split into groups whose tapped tensors fit it, and each
-    group is fetched by its own run of the two sessions (more runs, bounded memory).
+
+class _NumpyEngine(_Engine):
+    """Both models tapped; every pair's tensors copied out and reduced in numpy or compiled kernels.
+
+    * The quantized side reads a DequantizeLinear's integer input (the QuantizeLinear output)
+      where that is all the DequantizeLinear needs, and dequantizes it itself: a quarter of the
+      bytes to copy, and onnxruntime keeps fusing the DQ -> op -> Q groups the deployed model
+      fuses, because no DequantizeLinear output becomes a graph output.
+    * Runs are concatenated along axis 0 and run as one batch (``runs_per_group``) where both
+      models take the runs' leading axis as a batch axis; the first group is also run one run at
+      a time and batching is kept only if every tapped tensor agrees (shapes, and values to
+      1e-3 relative), otherwise runs go one at a time.
+    * With a memory budget the pairs are split into groups whose tapped tensors fit it, and each
+      group is fetched by its own run of the two sessions (more runs, bounded memory).
     """
 
-    def __init__(self, factory, f_loaded, q_loaded, pairs, outputs, max_memory: int | None = None, fg: Graph | None = None):
-        self.pairs, self.outputs = pairs, outputs
-        self.f_taps = list(dict.fromkeys([p.float_tensor for p in pairs + outputs]))
-        self.q_taps = list(dict.fromkeys([p.quant_tensor for p in pairs + outputs]))
-        self.f_sess, n1 = open_session(factory, tap_model(f_loaded.proto, self.f_taps), f_loaded.label)
-        self.q_sess, n2 = open_session(factory, tap_model(q_loaded.proto, self.q_taps), q_loaded.label)
-        self.notes = n1 + n2
+    def __init__(
+        self, factory, f_loaded, q_loaded, pairs, outputs, max_memory: int | None = None, fg: Graph | None = None,
+        compiled: bool = False, qg: Graph | None = None,
+    ):  # fmt: skip
+        self.pairs, self.outputs, self.compiled = pairs, outputs, compiled
+        self.factory, self.f_loaded, self.q_loaded = factory, f_loaded, q_loaded
         keyed = [(i, p) for i, p in enumerate(pairs)] + [(-1 - k, p) for k, p in enumerate(outputs)]
+        # what is tapped on the quantized side (outputs keep their own tensors)
+        self.tap_pairs = {key: (_integer_tap(p, qg) if qg is not None and key >= 0 else p) for key, p in keyed}
+        self.f_taps = list(dict.fromkeys(p.float_tensor for _, p in keyed))
+        self.q_taps = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in keyed))
+        self.notes: list[str] = []
         self.groups = [keyed]
+        per_run = _tap_bytes(keyed, fg, self.tap_pairs, qg) if fg is not None else None
         if max_memory is not None and fg is not None:
             self.groups = _group_by_memory(keyed, fg, max_memory)
             if len(self.groups) > 1:
                 self.notes.append(
                     f"tapped tensors split into {len(self.groups)} groups to stay within --max-memory {max_memory} bytes"
                 )
+        budget = _GROUP_BYTES if max_memory is None else max_memory
+        runs = 1
+        if len(self.groups) == 1 and per_run is not None:
+            runs = int(max(1, min(_GROUP_MAX_RUNS, budget // max(1, per_run))))
+        self.batched = False
+        if runs > 1 and _batch_axis_ok(f_loaded.proto) and _batch_axis_ok(q_loaded.proto):
+            self.runs_per_group = runs
+            self.batched = True
+            f_model, q_model = _with_batch_axis(f_loaded.proto), _with_batch_axis(q_loaded.proto)
+        else:
+            f_model, q_model = f_loaded.proto, q_loaded.proto
+        self._open(f_model, q_model)
 
-    def run(self, batch, first):
+    def _open(self, f_model: onnx.ModelProto, q_model: onnx.ModelProto) -> None:
+        self.f_sess, n1 = open_session(self.factory, tap_model(f_model, self.f_taps), self.f_loaded.label)
+        self.q_sess, n2 = open_session(self.factory, tap_model(q_model, self.q_taps), self.q_loaded.label)
+        self.deployed_model = q_model
+        self.notes += [n for n in n1 + n2 if n not in self.notes]
+
+    def run_group(self, group, first):
+        feed = _concat_runs(group) if self.batched else None
+        if feed is None:
+            steps = [self._run(b, 1) for b in group]
+            return _merge_steps(steps)
+        if not first:
+            return self._run(feed, len(group))
+        # first group: batching is kept only if it changes nothing
+        try:
+            batched = self._run(feed, len(group))
+        except Exception as exc:  # noqa: BLE001 - e.g. a Reshape to a fixed batch of 1
+            batched, why = None, f"a batched run failed ({str(exc).splitlines()[0][:160]})"
+        singles = _merge_steps([self._run(b, 1) for b in group])
+        if batched is not None:
+            why = _batch_mismatch(batched, singles)
+        if why is None:
+            self.notes.append(
+                f"runs batched {self.runs_per_group} at a time (the models' leading axis is a batch axis; "
+                "checked on the first runs against single runs)"
+            )
+            return batched
+        self.notes.append(f"runs not batched: {why}")
+        log.info("qdiff: %s", self.notes[-1])
+        self.batched, self.runs_per_group = False, 1
+        self._open(self.f_loaded.proto, self.q_loaded.proto)
+        return _merge_steps([self._run(b, 1) for b in group])
+
+    def _run(self, batch, runs: int) -> _Step:
         results: dict[int, Any] = {}
         top1: dict[int, tuple[int, int]] = {}
-        quant_outputs = None
+        quant_outputs: dict[int, np.ndarray] = {}
         f_feed, q_feed = feed_for(self.f_sess, batch), feed_for(self.q_sess, batch)
         for group in self.groups:
             f_names = list(dict.fromkeys(p.float_tensor for _, p in group))
-            q_names = list(dict.fromkeys(p.quant_tensor for _, p in group))
+            q_names = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in group))
             f_vals = dict(zip(f_names, self.f_sess.run(f_names, f_feed)))
             q_vals = dict(zip(q_names, self.q_sess.run(q_names, q_feed)))
-            self._reduce(group, f_vals, q_vals, results, top1)
-            if first and any(k < 0 for k, _ in group):
-                quant_outputs = quant_outputs or {}
-                quant_outputs.update({k: q_vals[p.quant_tensor] for k, p in group if k < 0})
+            for key, pair in group:
+                tap = self.tap_pairs[key]
+                ref, raw = np.asarray(f_vals[pair.float_tensor]), np.asarray(q_vals[tap.quant_tensor])
+                results[key] = self._rows(ref, raw, tap, runs)
+                if key < 0:
+                    quant_outputs[key] = raw
+                    if metrics.looks_like_class_scores(np.shape(ref)):
+                        t = metrics.Top1Accumulator()
+                        t.update(ref, _real(raw, tap))
+                        top1[-1 - key] = (t.rows, t.agree)
             del f_vals, q_vals
-        qouts = [quant_outputs[-1 - k] for k in range(len(self.outputs))] if quant_outputs else None
-        return _Step(results, top1, qouts)
+        qouts = [quant_outputs[-1 - k] for k in range(len(self.outputs))] if self.outputs else None
+        return _Step(results, top1, qouts, q_feed)
 
-    def _reduce(self, group, f_vals, q_vals, results, top1):
-        for key, pair in group:
-            ref, cand = f_vals[pair.float_tensor], _real(q_vals[pair.quant_tensor], pair)
-            if np.size(ref) != np.size(cand):
-                results[key] = (
-                    f"shapes differ at run time: {list(np.shape(ref))} in the float model, "
-                    f"{list(np.shape(cand))} in the quantized model"
-                )
-                continue
-            if np.size(ref) <= _ROWS_MAX_ELEMENTS:
-                # small tensors: buffered and reduced many samples at a time (see _measure)
-                results[key] = (None, list(np.shape(ref)), np.asarray(ref), np.asarray(cand))
+    def _rows(self, ref: np.ndarray, raw: np.ndarray, tap: TensorPair, runs: int):
+        if ref.size != raw.size:
+            return (
+                f"shapes differ at run time: {_per_run_shape(ref.shape, runs)} in the float model, "
+                f"{_per_run_shape(raw.shape, runs)} in the quantized model"
+            )
+        if runs > 1 and (ref.ndim == 0 or ref.shape[0] % runs or raw.ndim == 0 or raw.shape[0] % runs):
+            return f"the batched run gave a leading axis of {list(ref.shape[:1])}, not a multiple of {runs} runs"
+        dq = None
+        if raw.dtype.kind in "iu" and tap.dequant is not None:
+            if self.compiled and not tap.dequant.per_channel:
+                dq = tap.dequant  # dequantized on the fly by the compiled kernels
             else:
-                results[key] = (metrics.sample_metrics(ref, cand), list(np.shape(ref)))
-            if key < 0 and metrics.looks_like_class_scores(np.shape(ref)):
-                t = metrics.Top1Accumulator()
-                t.update(ref, cand)
-                top1[-1 - key] = (t.rows, t.agree)
+                raw = tap.dequant.dequantize(raw)  # per-channel: in the tensor's own layout
+        return (_per_run_shape(ref.shape, runs), ref.reshape(runs, -1), raw.reshape(runs, -1), dq)
 
 
-#: tensors up to this many elements are reduced many samples at a time (numpy call overhead
+def _per_run_shape(shape: tuple, runs: int) -> list[int]:
+    out = [int(d) for d in shape]
+    if runs > 1 and out:
+        out[0] //= runs
+    return out
+
+
+def _merge_steps(steps: list[_Step]) -> _Step:
+    """One step out of single-run steps (rows stacked in run order)."""
+    if len(steps) == 1:
+        return steps[0]
+    results: dict[int, Any] = {}
+    for key in steps[0].results:
+        vals = [s.results[key] for s in steps]
+        bad = next((v for v in vals if isinstance(v, str)), None)
+        if bad is not None:
+            results[key] = bad
+            continue
+        if len({v[1].shape[1] for v in vals}) > 1 or len({v[3] is None for v in vals}) > 1:
+            # runs of different sizes: each run is its own group of rows
+            results[key] = vals  # handled by _split_results
+            continue
+        results[key] = (vals[0][0], np.concatenate([v[1] for v in vals]), np.concatenate([v[2] for v in vals]), vals[0][3])
+    top1: dict[int, tuple[int, int]] = {}
+    for s in steps:
+        for k, (rows, agree) in s.top1.items():
+            r0, a0 = top1.get(k, (0, 0))
+            top1[k] = (r0 + rows, a0 + agree)
+    return _Step(results, top1, steps[0].quant_outputs, steps[0].feed)
+
+
+def _batch_mismatch(batched: _Step, singles: _Step) -> str | None:
+    """Why the batched run differs from the single runs (None when it does not)."""
+    for key, b in batched.results.items():
+        s = singles.results.get(key)
+        if isinstance(b, str) or isinstance(s, str) or isinstance(s, list):
+            if isinstance(b, str) and isinstance(s, str):
+                continue
+            return "a tapped tensor has a different shape in a batched run"
+        if b[1].shape != s[1].shape or b[2].shape != s[2].shape or b[0] != s[0]:
+            return f"tensor shapes change with the batch ({b[0]} batched, {s[0]} alone)"
+        for x, y in ((b[1], s[1]), (b[2], s[2])):
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            ok = np.isfinite(y64)
+            if not np.array_equal(ok, np.isfinite(x64)):
+                return "non-finite values differ between batched and single runs"
+            if ok.any():
+                err = np.linalg.norm(x64[ok] - y64[ok])
+                scale = np.linalg.norm(y64[ok])
+                if err > 1e-3 * scale + 1e-12:
+                    return "values differ between batched and single runs (an operator mixes samples across the batch axis)"
+    return None
+
+
+def _batch_axis_ok(model: onnx.ModelProto) -> bool:
+    """Do all graph inputs have a leading axis that can be a batch axis (rank >= 1, not scalars)?"""
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    if not inputs:
+        return False
+    for i in inputs:
+        tt = i.type.tensor_type
+        if not i.type.HasField("tensor_type") or not tt.HasField("shape") or len(tt.shape.dim) == 0:
+            return False
+    return True
+
+
+def _with_batch_axis(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose inputs' and outputs' leading axis is symbolic (intermediate shapes re-inferred)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    init = {t.name for t in out.graph.initializer}
+    for vi in [i for i in out.graph.input if i.name not in init] + list(out.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") and vi.type.tensor_type.shape.dim:
+            d = vi.type.tensor_type.shape.dim[0]
+            if d.HasField("dim_value"):
+                d.ClearField("dim_value")
+                d.dim_param = _BATCH_DIM
+    del out.graph.value_info[:]
+    return out
+
+
+def _concat_runs(group: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
+    """The runs of a group concatenated along axis 0 (None if their shapes or types differ)."""
+    if len(group) == 1:
+        return dict(group[0])
+    first = group[0]
+    for b in group[1:]:
+        if b.keys() != first.keys():
+            return None
+        for k, v in b.items():
+            if v.shape != first[k].shape or v.dtype != first[k].dtype or v.ndim == 0:
+                return None
+    return {k: np.concatenate([b[k] for b in group]) for k in first}
+
+
+def _integer_tap(pair: TensorPair, qg: Graph) -> TensorPair:
+    """The pair with its quantized tensor replaced by the integer input of its DequantizeLinear.
+
+    Only where the DequantizeLinear has constant float32 scale/zero point, no block size, and an
+    8/16-bit integer input computed at run time; otherwise the pair is returned unchanged.
+    """
+    if pair.dequant is not None or pair.quant_tensor not in qg.producer:
+        return pair
+    node = qg.nodes[qg.producer[pair.quant_tensor]]
+    if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return pair
+    x = node.input[0]
+    if qg.is_constant(x) or attr_value(node, "block_size", 0):
+        return pair
+    int_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
+    if qg.elem_type(x) not in int_types:
+        return pair
+    scale = qg.const_value(node.input[1])
+    zp_name = node.input[2] if len(node.input) > 2 else ""
+    zp = qg.const_value(zp_name) if zp_name else np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(qg.elem_type(x)))
+    if scale is None or zp is None or scale.dtype != np.float32 or scale.size != zp.size:
+        return pair
+    return dataclasses.replace(pair, quant_tensor=x, dequant=DequantParams(scale, zp, int(attr_value(node, "axis", 1))))
+
+
+def _tap_bytes(keyed: list, fg: Graph, tap_pairs: dict, qg: Graph | None) -> int | None:
+    """Static estimate of the bytes one run's taps take on both sides (None if a shape is unknown)."""
+    total = 0
+    for key, pair in keyed:
+        shape = fg.shape(pair.float_tensor)
+        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+            return None
+        elements = int(np.prod(shape)) if shape else 1
+        q_type = qg.elem_type(tap_pairs[key].quant_tensor) if qg is not None else None
+        q_bytes = onnx.helper.tensor_dtype_to_np_dtype(q_type).itemsize if q_type else 4
+        total += elements * (4 + q_bytes)
+    return total
+
+
+#: tensors up to this many elements are reduced many samples at a time (per-call overhead
 #: dominates small tensors); a pair's buffer stays within _ROWS_BUFFER_BYTES of float64 (cache
 #: sized: larger stacks were measured slower, and it bounds memory at ~256 KiB per pair)
 _ROWS_MAX_ELEMENTS = 4096
@@ -540,14 +853,16 @@ _ROWS_MAX = 64
 _ROWS_BUFFER_BYTES = 1 << 18
 
 
-def _flush(buf: list, acc: metrics.TensorAccumulator) -> None:
+def _flush(buf: list, acc: metrics.TensorAccumulator, compiled: bool) -> None:
     """Reduce the buffered samples of one pair (row by row results, independent of the grouping)."""
     if not buf:
         return
-    refs = np.stack([np.ravel(r) for r, _ in buf])
-    cands = np.stack([np.ravel(c) for _, c in buf])
-    for m in metrics.sample_metrics_rows(refs, cands):
-        acc.add(m)
+    dqs = {id(dq): dq for _, _, dq in buf}
+    if len(dqs) == 1:
+        _reduce_rows(acc, np.concatenate([r for r, _, _ in buf]), np.concatenate([c for _, c, _ in buf]), buf[0][2], compiled)
+    else:
+        for r, c, dq in buf:
+            _reduce_rows(acc, r, c, dq, compiled)
     buf.clear()
 
 
@@ -593,7 +908,8 @@ class _FusedEngine(_Engine):
         self.top1_index = [k for k, t in enumerate(fused.top1) if t]
         self.sess, self.notes = open_session(factory, model, f"{f_loaded.label} + {q_loaded.label} (fused)")
 
-    def run(self, batch, first):
+    def run_group(self, group, first):
+        (batch,) = group
         names = self.sums + self.top1_names + ((self.shape_names + self.qout_names) if first else [])
         vals = self.sess.run(names, feed_for(self.sess, batch))
         n = len(self.pairs) + len(self.outputs)
@@ -608,9 +924,9 @@ class _FusedEngine(_Engine):
                 results[key] = f"shapes differ at run time: {int(v[0])} elements in the float model, {int(v[1])} in the quantized model"
                 continue
             shape = [int(x) for x in shapes[k]] if shapes[k] is not None else None
-            results[key] = (metrics.sample_metrics_from_sums(v), shape)
+            results[key] = _Computed(metrics.sample_metrics_from_sums(v), shape)
         top1 = {self.top1_index[j]: (int(v[0]), int(v[1])) for j, v in enumerate(t1)}
-        return _Step(results, top1, qouts)
+        return _Step(results, top1, qouts, batch)
 
 
 def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, session_factory: SessionFactory | None):

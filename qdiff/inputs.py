@@ -122,9 +122,10 @@ class DataSource:
     runs were produced, ``samples`` how many samples they held (axis 0 of a batched input; one
     per run otherwise) and ``fingerprint()`` the SHA-256 of the per-run digests in order.
 
-    With ``shard=(k, n)`` only runs whose index is ``k`` modulo ``n`` are read and yielded (the
-    others are not even loaded): ``n`` processes with ``k = 0..n-1`` together see every run once,
-    and :func:`combine_fingerprint` of their ``digests`` equals the unsharded fingerprint.
+    With ``shard=(k, n)`` only the runs of groups whose index is ``k`` modulo ``n`` are read and
+    yielded (the others are not even loaded), run ``i`` being in group ``i // group``: ``n``
+    processes with ``k = 0..n-1`` together see every run once, each group whole, and
+    :func:`combine_fingerprint` of their ``digests`` equals the unsharded fingerprint.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class DataSource:
         self.description = description
         self.count = count
         self.shard = shard
+        self.group = 1
         self.batches = 0
         self.samples = 0
         self.digests: dict[int, str] = {}
@@ -147,7 +149,7 @@ class DataSource:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         k, n = self.shard
         for i, item in enumerate(self._batches):
-            if i % n != k:
+            if (i // self.group) % n != k:
                 continue
             batch = item() if callable(item) else item
             checked = _validate(batch, self.specs, i, self.description)

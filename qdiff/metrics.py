@@ -69,6 +69,7 @@ __all__ = [
     "mae",
     "max_abs",
     "mse",
+    "rows_from_sums",
     "sample_metrics",
     "sqnr_db",
 ]
@@ -651,6 +652,38 @@ class _ExactSum:
         else:
             raise ValueError("cannot accumulate NaN")
 
+    def add_many(self, x: np.ndarray) -> None:
+        """Add every value of a float64 array; the same as adding them one by one, in any order."""
+        x = np.asarray(x, dtype=np.float64).ravel()
+        if x.size <= 16:  # one by one is quicker for a few values
+            for v in x.tolist():
+                self.add(v)
+            return
+        fin = np.isfinite(x)
+        if not fin.all():
+            if np.isnan(x).any():
+                raise ValueError("cannot accumulate NaN")
+            self.pos_inf += int(np.count_nonzero(x == math.inf))
+            self.neg_inf += int(np.count_nonzero(x == -math.inf))
+            x = x[fin]
+        x = x[x != 0.0]
+        if x.size == 0:
+            return
+        # x = m * 2**e exactly, 0.5 <= |m| < 1, so m * 2**53 is an integer below 2**53 and
+        # x = (m * 2**53) * 2**(e - 53); sums of at most 512 such integers fit in int64
+        m, e = np.frexp(x)
+        mant = (m * 2.0**53).astype(np.int64)
+        order = np.argsort(e, kind="stable")
+        e_sorted, mant_sorted = e[order], mant[order]
+        bounds = np.flatnonzero(np.diff(e_sorted)) + 1
+        for lo_i, hi_i in zip(np.r_[0, bounds].tolist(), np.r_[bounds, e_sorted.size].tolist()):
+            total = 0
+            for j in range(lo_i, hi_i, 512):
+                total += int(mant_sorted[j : min(hi_i, j + 512)].sum())
+            shift = int(e_sorted[lo_i]) - 53 + _FIXED_SHIFT
+            # a negative shift only happens for subnormals, whose integers are multiples of 2**-shift
+            self.fixed += total << shift if shift >= 0 else total >> -shift
+
     def merged(self, other: _ExactSum) -> _ExactSum:
         out = _ExactSum()
         out.fixed = self.fixed + other.fixed
@@ -746,6 +779,7 @@ class TensorAccumulator:
         "_nan_ref", "_inf_ref", "_nan_cand", "_inf_cand",
         "_cos_sum", "_mse_sum", "_mae_sum", "_sqnr_sum", "_kl_sum",
         "_cos_min", "_mse_max", "_mae_max", "_max_abs", "_sqnr_min", "_kl_max",
+        "_pending", "_pending_rows",
     )
 
     def __init__(self) -> None:
@@ -768,6 +802,8 @@ class TensorAccumulator:
         self._max_abs = -math.inf
         self._sqnr_min = math.inf
         self._kl_max = -math.inf
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
 
     @property
     def samples(self) -> int:
@@ -820,6 +856,46 @@ class TensorAccumulator:
         self._sqnr_min = min(self._sqnr_min, m.sqnr_db)
         self._kl_max = max(self._kl_max, m.kl)
 
+    def add_values(self, values: np.ndarray, size: int) -> None:
+        """Fold in many scored samples without NaN/Inf, given as rows of metric values.
+
+        ``values`` is ``[k, 6]``: cosine, mse, mae, max_abs, sqnr_db, kl per sample, each sample
+        of ``size`` elements all finite. Equivalent to :meth:`add` of each row (exactly: the
+        sums are exact, so order and grouping do not matter).
+        """
+        v = np.asarray(values, dtype=np.float64).reshape(-1, 6)
+        k = v.shape[0]
+        if k == 0:
+            return
+        self._samples += k
+        self._scored += k
+        self._size = int(size)
+        # folded in later, many calls at once (exact sums: the grouping does not matter)
+        self._pending.append(v)
+        self._pending_rows += k
+        if self._pending_rows >= 4096:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Fold the values queued by :meth:`add_values` into the sums and extremes."""
+        if not self._pending:
+            return
+        v = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending = []
+        self._pending_rows = 0
+        cos, mse, mae, mx, sqnr, kl = (v[:, j] for j in range(6))
+        self._cos_sum.add_many(cos)
+        self._mse_sum.add_many(mse)
+        self._mae_sum.add_many(mae)
+        self._sqnr_sum.add_many(sqnr)
+        self._kl_sum.add_many(kl)
+        self._cos_min = min(self._cos_min, float(cos.min()))
+        self._mse_max = max(self._mse_max, float(mse.max()))
+        self._mae_max = max(self._mae_max, float(mae.max()))
+        self._max_abs = max(self._max_abs, float(mx.max()))
+        self._sqnr_min = min(self._sqnr_min, float(sqnr.min()))
+        self._kl_max = max(self._kl_max, float(kl.max()))
+
     def merge(self, other: TensorAccumulator) -> TensorAccumulator:
         """Combine with another accumulator without mutating either.
 
@@ -835,6 +911,8 @@ class TensorAccumulator:
         """
         if not isinstance(other, TensorAccumulator):
             raise TypeError(f"cannot merge TensorAccumulator with {type(other).__name__}")
+        self._settle()
+        other._settle()
         out = TensorAccumulator()
         out._samples = self._samples + other._samples
         out._scored = self._scored + other._scored
@@ -866,6 +944,7 @@ class TensorAccumulator:
             ``"all values non-finite"``; otherwise ``note`` is ``""`` or
             ``"k of n samples had non-finite values"``.
         """
+        self._settle()
         n = self._scored
         counts = dict(
             samples=self._samples,
@@ -1132,16 +1211,12 @@ def sample_metrics_rows(references: npt.ArrayLike, candidates: npt.ArrayLike, bi
         ad = np.abs(d)
         max_abs = ad.max(axis=1)
         mae = ad.sum(axis=1) / n
-        norm2 = rr * cc
-    sums = np.stack([rr, cc, dd, norm2])
-    normal = np.all((sums == 0) | ((sums >= _TINY) & np.isfinite(sums)), axis=0)
     lo = np.minimum(r_all.min(axis=1), c_all.min(axis=1))
     hi = np.maximum(r_all.max(axis=1), c_all.max(axis=1))
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         factor = bins / (hi - lo)
-    has_range = hi > lo
-    binnable = has_range & np.isfinite(factor)
-    kl = np.zeros(k)
+    binnable = (hi > lo) & np.isfinite(factor)
+    counts_r = counts_c = None
     if binnable.any():
         rows = np.flatnonzero(binnable)
         offsets = (np.arange(rows.size) * bins)[:, None]
@@ -1152,12 +1227,42 @@ def sample_metrics_rows(references: npt.ArrayLike, candidates: npt.ArrayLike, bi
             np.minimum(idx, bins - 1, out=idx)
             idx += offsets
             counts.append(np.bincount(idx.ravel(), minlength=rows.size * bins).reshape(rows.size, bins))
-        p = counts[0] / n + EPS
-        q = counts[1] / n + EPS
-        p /= p.sum(axis=1, keepdims=True)
-        q /= q.sum(axis=1, keepdims=True)
-        kl[rows] = np.maximum(0.0, (p * (np.log(p) - np.log(q))).sum(axis=1))
+        counts_r = np.zeros((k, bins), dtype=np.int64)
+        counts_c = np.zeros((k, bins), dtype=np.int64)
+        counts_r[rows], counts_c[rows] = counts
+    return rows_from_sums(
+        rr, cc, rc, dd, mae, max_abs, lo, hi, counts_r, counts_c, binnable, np.ones(k, dtype=bool), n, bins,
+        lambda i: sample_metrics(r_all[i], c_all[i]),
+    )
+
+
+def rows_from_sums(
+    rr: np.ndarray, cc: np.ndarray, rc: np.ndarray, dd: np.ndarray, mae: np.ndarray, max_abs: np.ndarray,
+    lo: np.ndarray, hi: np.ndarray, counts_r: np.ndarray | None, counts_c: np.ndarray | None,
+    binnable: np.ndarray, finite: np.ndarray, n: int, bins: int, slow: Any,
+) -> list[SampleMetrics]:
+    """Per-row :class:`SampleMetrics` of ``k`` finite rows of ``n`` elements from their float64 sums.
+
+    ``rr = Σr²``, ``cc = Σc²``, ``rc = Σrc``, ``dd = Σ(r-c)²``, ``mae = Σ|r-c| / n``, the value range
+    ``lo``/``hi`` and, for the rows where ``binnable``, the ``bins``-bin histograms of r and c over
+    it. Rows where ``finite`` is False, or whose sums fall outside the normal float64 range, or
+    whose range is too narrow to bin, are computed by ``slow(i)`` (normally
+    :func:`sample_metrics` of that row), so every degenerate case keeps its documented value.
+    """
+    k = len(rr)
     with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        norm2 = rr * cc
+        sums = np.stack([rr, cc, dd, norm2])
+        normal = np.all((sums == 0) | ((sums >= _TINY) & np.isfinite(sums)), axis=0)
+        has_range = hi > lo
+        kl = np.zeros(k)
+        if counts_r is not None and binnable.any():
+            rows = np.flatnonzero(binnable)
+            p = counts_r[rows] / n + EPS
+            q = counts_c[rows] / n + EPS
+            p /= p.sum(axis=1, keepdims=True)
+            q /= q.sum(axis=1, keepdims=True)
+            kl[rows] = np.maximum(0.0, (p * (np.log(p) - np.log(q))).sum(axis=1))
         cos = np.where(
             (rr == 0) & (cc == 0), 1.0, np.where((rr == 0) | (cc == 0), 0.0, np.clip(rc / np.sqrt(norm2), -1.0, 1.0))
         )
@@ -1165,12 +1270,12 @@ def sample_metrics_rows(references: npt.ArrayLike, candidates: npt.ArrayLike, bi
             dd == 0, SQNR_CAP_DB,
             np.where(rr == 0, -SQNR_CAP_DB, np.clip(10.0 * (np.log10(rr) - np.log10(dd)), -SQNR_CAP_DB, SQNR_CAP_DB)),
         )  # fmt: skip
-    fast = (normal & ~(has_range & ~binnable)).tolist()
+    fast = (finite & normal & ~(has_range & ~binnable)).tolist()
     cols = zip(fast, cos.tolist(), (dd / n).tolist(), mae.tolist(), max_abs.tolist(), sqnr.tolist(), kl.tolist())
     out = []
     for i, (ok, cos_i, mse_i, mae_i, max_i, sqnr_i, kl_i) in enumerate(cols):
         if not ok:
-            out.append(sample_metrics(r_all[i], c_all[i]))
+            out.append(slow(i))
             continue
         out.append(SampleMetrics(cos_i, mse_i, mae_i, max_i, sqnr_i, kl_i, n, n))
     return out

@@ -599,8 +599,30 @@ def test_merge_is_exact_regardless_of_grouping():
 def test_accumulator_is_o1_state():
     acc = _feed(_stream(4, 3))
     for name in acc.__slots__:
-        assert not isinstance(getattr(acc, name), (list, dict, np.ndarray))
+        if name != "_pending":  # the add_values queue, bounded (below)
+            assert not isinstance(getattr(acc, name), (list, dict, np.ndarray))
     assert not hasattr(acc, "__dict__")
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        acc.add_values(rng.random((97, 6)), 10)
+        assert acc._pending_rows < 4096
+
+
+def test_add_values_equals_add_of_each_row():
+    """add_values folds exactly what add() of each row would, in any grouping."""
+    rng = np.random.default_rng(3)
+    rows = np.column_stack([
+        1 - rng.random(300) * 1e-3, rng.random(300) * 10.0 ** rng.integers(-30, 3, 300), rng.random(300),
+        rng.random(300) * 5, rng.uniform(-200, 200, 300), rng.random(300) * 1e-2,
+    ])  # fmt: skip
+    one = qm.TensorAccumulator()
+    for v in rows:
+        one.add(qm.SampleMetrics(*[float(x) for x in v], size=7, finite=7))
+    grouped = qm.TensorAccumulator()
+    for chunk in np.array_split(rows[::-1], 13):
+        grouped.add_values(chunk, 7)
+    assert grouped.result() == one.result()
+    assert grouped.merge(qm.TensorAccumulator()).result() == one.result()
 
 
 def test_accumulator_update_shape_error_folds_nothing():

@@ -1,0 +1,213 @@
+"""The compiled metric kernels, batched runs and integer taps: same numbers as the plain paths."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from builders import conv_feeds, conv_net, finish, quantize
+from onnx import TensorProto, helper, numpy_helper
+
+import qdiff
+from qdiff import _kernels
+from qdiff import metrics as qm
+from qdiff.structs import DequantParams
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+COLS = ["cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst"]
+compare_module = sys.modules["qdiff.compare"]
+
+needs_kernels = pytest.mark.skipif(
+    not _kernels.available(), reason=f"compiled kernels unavailable: {_kernels.unavailable_reason()}"
+)
+
+
+def _as_metrics(refs, cands, dq=None):
+    values, slow_rows, slow = _kernels.row_metrics(refs, cands, dq)
+    out, it = [], iter(slow)
+    for i in range(len(values)):
+        out.append(next(it) if i in slow_rows else qm.SampleMetrics(*map(float, values[i]), refs.shape[1], refs.shape[1]))
+    return out
+
+
+def _close(a: qm.SampleMetrics, b: qm.SampleMetrics, rtol=1e-11):
+    for f in ("cosine", "mse", "mae", "max_abs", "sqnr_db", "kl"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        if x is not None:
+            # KL is a small difference of sums over the bins: its summation order shows more
+            assert x == pytest.approx(y, rel=1e-8 if f == "kl" else rtol, abs=1e-300), (f, x, y)
+    assert (a.size, a.finite, a.nan_ref, a.inf_ref, a.nan_cand, a.inf_cand) == (
+        b.size, b.finite, b.nan_ref, b.inf_ref, b.nan_cand, b.inf_cand,
+    )  # fmt: skip
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [1, 7, 1000, _kernels.CHUNK + 13, 3 * _kernels.CHUNK])
+def test_kernels_equal_numpy_metrics_on_every_kind_of_row(n):
+    """Float rows, degenerate rows and non-finite rows give sample_metrics' values."""
+    rng = np.random.default_rng(n)
+    r = rng.standard_normal((9, n)).astype(np.float32)
+    c = (r + 0.02 * rng.standard_normal((9, n))).astype(np.float32)
+    r[1], c[1] = 0, 0  # both zero
+    r[2], c[2] = 3, 3  # equal constants
+    c[3] = 0  # zero candidate
+    c[4, 0] = np.nan  # NaN
+    r[5, -1] = np.inf  # Inf
+    r[6] = np.maximum(r[6], 0)  # ReLU-like: runs of zeros
+    r[7], c[7] = r[7] * 1e-30, c[7] * 1e-30  # sums below the normal range: careful path
+    c[8] = -r[8]  # anti-correlated
+    got = _as_metrics(r, c)
+    for i in range(9):
+        _close(got[i], qm.sample_metrics(r[i], c[i]))
+    # float64 and float16 operands
+    for cc in (c.astype(np.float64), c.astype(np.float16)):
+        got = _as_metrics(r, cc)
+        for i in range(9):
+            _close(got[i], qm.sample_metrics(r[i], cc[i]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,zp", [(np.uint8, 128), (np.int8, -3), (np.int16, 5), (np.uint16, 30000)])
+def test_kernels_dequantize_integer_taps_like_dequantizelinear(dtype, zp):
+    rng = np.random.default_rng(1)
+    info = np.iinfo(dtype)
+    q = rng.integers(info.min, info.max, (5, 5000), endpoint=True).astype(dtype)
+    q[1] = q[1, 0]  # a constant row
+    dq = DequantParams(np.array(0.037, np.float32), np.array(zp, dtype))
+    real = dq.dequantize(q)
+    r = (real + rng.standard_normal(real.shape).astype(np.float32) * 0.01).astype(np.float32)
+    r[1] = real[1]
+    got = _as_metrics(r, q, dq)
+    for i in range(5):
+        _close(got[i], qm.sample_metrics(r[i], real[i]))
+
+
+@needs_kernels
+def test_a_rows_values_do_not_depend_on_the_rows_beside_it():
+    """Bit for bit: the basis of results that do not depend on batching or sharding."""
+    rng = np.random.default_rng(2)
+    r = rng.standard_normal((6, 3 * _kernels.CHUNK + 5)).astype(np.float32)
+    c = (r + 0.1 * rng.standard_normal(r.shape)).astype(np.float32)
+    together, _, _ = _kernels.row_metrics(r, c)
+    for i in range(6):
+        alone, _, _ = _kernels.row_metrics(r[i : i + 1], c[i : i + 1])
+        assert np.array_equal(alone[0], together[i])
+    two, _, _ = _kernels.row_metrics(r[2:4], c[2:4])
+    assert np.array_equal(two, together[2:4])
+
+
+def _force_numpy(monkeypatch):
+    monkeypatch.setattr(_kernels, "_load", lambda: None)
+
+
+def _unbatched(monkeypatch):
+    monkeypatch.setattr(compare_module, "_GROUP_BYTES", 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["qdq_per_tensor", "qdq_per_channel", "qoperator", "dynamic", "fp16"])
+def test_compare_with_kernels_and_batches_equals_the_plain_numpy_path(variant, monkeypatch):
+    """Compiled kernels + batched runs + integer taps give the per-run numpy results.
+
+    Dynamic quantization computes each activation's scale over the whole batch, so a batch of
+    runs is not the runs one by one: the check on the first group must see it.
+    """
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / f"digits_cnn.{variant}.onnx")
+    fast = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150)
+    assert fast.meta["metrics_kernel"] == "c"
+    if variant == "dynamic":
+        assert "runs not batched: values differ between batched and single runs" in " ".join(fast.meta["notes"])
+    else:
+        assert any("runs batched 64 at a time" in n for n in fast.meta["notes"]), fast.meta["notes"]
+    with monkeypatch.context() as m:
+        _force_numpy(m)
+        _unbatched(m)
+        plain = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150)
+    assert plain.meta["metrics_kernel"] == "numpy"
+    assert not any("batched" in n for n in plain.meta["notes"])
+    assert list(fast.layers["layer"]) == list(plain.layers["layer"])
+    assert list(fast.layers["shape"]) == list(plain.layers["shape"])
+    np.testing.assert_allclose(fast.layers[COLS].to_numpy(float), plain.layers[COLS].to_numpy(float), rtol=2e-5, atol=1e-9)
+    np.testing.assert_allclose(
+        fast.outputs[COLS + ["top1_agreement"]].to_numpy(float),
+        plain.outputs[COLS + ["top1_agreement"]].to_numpy(float), rtol=2e-5, atol=1e-9,
+    )  # fmt: skip
+    assert (fast.layers["samples"] == 150).all()
+
+
+def test_integer_taps_keep_the_deployed_fusion():
+    """Reading QuantizeLinear outputs (not DequantizeLinear ones) leaves the QDQ groups fused."""
+    r = qdiff.compare(SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx", samples=4)
+    assert r.meta["integer_taps"] > 0
+    assert r.meta["tapped_vs_deployed_max_abs"] == 0.0
+
+
+def test_numpy_fallback_runs_everything_without_the_extension(monkeypatch):
+    _force_numpy(monkeypatch)
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
+    r = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=70)
+    assert r.meta["metrics_kernel"] == "numpy"
+    assert r.layers["cosine"].between(0.99, 1.0).all()
+
+
+def _mixing_model(tmp_path: Path):
+    """y = relu(x @ W) - mean over the batch axis: a batch of runs is not a set of separate runs."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])
+    w = numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("ReduceMean", ["r"], ["m"], name="mean", axes=[0], keepdims=1),
+        helper.make_node("Sub", ["r", "m"], ["y"], name="sub"),
+    ]
+    f = tmp_path / "mix.float.onnx"
+    finish(helper.make_graph(nodes, "mix", [x], [y], [w]), f)
+    feeds = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(8)]
+    q = quantize(f, tmp_path / "mix.int8.onnx", feeds)
+    return f, q, np.concatenate([d["x"] for d in feeds] * 4)
+
+
+def test_models_that_mix_samples_across_the_batch_axis_run_one_at_a_time(tmp_path, monkeypatch):
+    f, q, data = _mixing_model(tmp_path)
+    r = qdiff.compare(f, q, data={"x": data})
+    assert any(n.startswith("runs not batched: ") for n in r.meta["notes"]), r.meta["notes"]
+    _unbatched(monkeypatch)
+    plain = qdiff.compare(f, q, data={"x": data})
+    cols = ["cosine", "mse", "max_abs", "sqnr_db", "kl"]
+    np.testing.assert_array_equal(r.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float))
+
+
+def test_a_fixed_batch_reshape_falls_back_to_single_runs(tmp_path):
+    """Reshape to [1, -1] breaks batching: noticed on the first group, then runs go one at a time."""
+    conv_net(tmp_path / "c.float.onnx")
+    import onnx
+
+    m = onnx.load(tmp_path / "c.float.onnx")  # its Flatten becomes a Reshape to a fixed batch of 1
+    nodes = list(m.graph.node)
+    flat = next(n for n in nodes if n.op_type == "Flatten")
+    reshape = helper.make_node("Reshape", [flat.input[0], "fixed_shape"], list(flat.output), name=flat.name)
+    m.graph.node.remove(flat)
+    m.graph.node.insert(nodes.index(flat), reshape)
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "fixed_shape"))
+    onnx.save(m, tmp_path / "r.float.onnx")
+    q = quantize(tmp_path / "r.float.onnx", tmp_path / "r.int8.onnx", conv_feeds(8))
+    data = np.concatenate([d["x"] for d in conv_feeds(20, seed=4)])
+    r = qdiff.compare(tmp_path / "r.float.onnx", q, data={"x": data})
+    assert any("runs not batched" in n for n in r.meta["notes"]), r.meta["notes"]
+    assert (r.layers["samples"] == 20).all()
+    assert r.layers["cosine"].notna().all()
+
+
+@needs_kernels
+def test_sharded_batched_groups_equal_one_process():
+    """Groups of 64 runs, sharded whole across 2 workers: the very same numbers."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_channel.onnx")
+    a = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150)
+    b = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150, workers=2)
+    assert any("runs batched 64" in n for n in a.meta["notes"])
+    assert a.layers.equals(b.layers) and a.outputs.equals(b.outputs)
