@@ -6,14 +6,18 @@ Run by hand, not in CI::
     .venv/bin/python bench/bench_compare.py                      # all cases, 8,64,512 samples
     .venv/bin/python bench/bench_compare.py --cases transformer --samples 64 --json out.json
 
-For each case (a float model and its quantized twin) and each sample count, three configurations
+For each case (a float model and its quantized twin) and each sample count, these configurations
 are measured, each in a FRESH subprocess so that peak RSS belongs to that configuration alone:
 
 ``floor``
     one untapped onnxruntime ``InferenceSession`` per model (CPU, default options and threads),
-    every sample fed one at a time to both, outputs dropped at once.
+    every sample fed one at a time to both, outputs dropped at once; ``floor_nospin`` is the same
+    with intra-op thread spinning off. The table's floor is the faster of the two.
 ``compare``
     ``qdiff.compare(float_path, quant_path, data={"input": array})``.
+``sensitivity``
+    ``qdiff.sensitivity(float_path, quant_path, data={"input": array}, gain=False)``: the
+    isolated error of every layer (shadow model) plus the accumulated error.
 ``qdq_loss_debug``
     onnxruntime's own debugging recipe (``onnxruntime.quantization.qdq_loss_debug``):
     ``modify_model_output_intermediate_tensors`` on both models, ``collect_activations`` on both,
@@ -49,7 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT / "sample_models"
-CONFIGS = ("floor", "compare", "qdq_loss_debug")
+CONFIGS = ("floor", "floor_nospin", "compare", "sensitivity", "qdq_loss_debug")
 # diagnostics, run only when named in --configs:
 #   compare_nospin  qdiff.compare with onnxruntime's intra-op thread spinning turned off
 #   compare_blas1   qdiff.compare in a child whose numpy BLAS (OpenBLAS/MKL/OpenMP) has one thread
@@ -290,10 +294,13 @@ def run_child(spec: dict) -> dict:
     cpu0 = r0.ru_utime + r0.ru_stime
 
     t0 = time.perf_counter()
-    if config == "floor":
+    if config in ("floor", "floor_nospin"):
         providers = ["CPUExecutionProvider"]
-        f_sess = ort.InferenceSession(fpath, providers=providers)
-        q_sess = ort.InferenceSession(qpath, providers=providers)
+        so = ort.SessionOptions()
+        if config == "floor_nospin":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        f_sess = ort.InferenceSession(fpath, sess_options=so, providers=providers)
+        q_sess = ort.InferenceSession(qpath, sess_options=so, providers=providers)
         t_run = time.perf_counter()
         for i in range(len(x)):
             feed = {"input": x[i : i + 1]}
@@ -323,6 +330,10 @@ def run_child(spec: dict) -> dict:
         extra["pairs"] = result.meta.get("pairs")
         extra["samples_seen"] = result.meta.get("samples")
         extra["engine"] = result.meta.get("engine", "numpy")
+        del result
+    elif config == "sensitivity":
+        result = qdiff.sensitivity(fpath, qpath, data={"input": x}, gain=False)
+        extra["layers"] = len(result.layers)
         del result
     elif config == "qdq_loss_debug":
         with tempfile.TemporaryDirectory(prefix="qdiff-bench-") as tmp:
@@ -567,6 +578,7 @@ def _f(v, fmt):
 
 SHORT = {
     "compare": "compare",
+    "sensitivity": "sens",
     "qdq_loss_debug": "qdq",
     "compare_nospin": "nospin",
     "compare_blas1": "blas1",
@@ -575,7 +587,7 @@ SHORT = {
 
 
 def table(rows: list[dict], configs: list[str]) -> str:
-    others = [c for c in configs if c != "floor"]
+    others = [c for c in configs if c not in ("floor", "floor_nospin")]
     head = ["case", "samples", "floor s"]
     for c in others[:1]:
         head += [f"{c} s", f"{SHORT[c]}/floor time"]
@@ -778,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
                         else m["status"]
                     )
                     print(f"[{case} n={n}] {config:15s} {msg}", file=sys.stderr)
+                # the floor is the faster of default sessions and sessions without thread spinning
+                fd, fn = row.get("floor", {}), row.get("floor_nospin", {})
+                if fd.get("status") == "ok" and fn.get("status") == "ok":
+                    row["floor_default"] = fd
+                    row["floor"] = dict(fn, chosen="nospin") if fn["seconds"] < fd["seconds"] else dict(fd, chosen="default")
                 rows.append(row)
     finally:
         if tmp is not None:

@@ -354,7 +354,7 @@ def _measure(
     broken: dict[int, str] = {}
     deployed_diff: float | None = None
     run_seconds = 0.0
-    buffers: dict[int, list] = {}
+    folder = RowFolder(compiled)
     done = 0
 
     def take(key: int, value: Any) -> None:
@@ -375,16 +375,7 @@ def _measure(
         shape, refs, cands, dq = value
         if shape is not None:
             shapes[key] = shape
-        if refs.shape[1] > _ROWS_MAX_ELEMENTS:
-            _reduce_rows(acc, refs, cands, dq, compiled)
-            return
-        buf = buffers.setdefault(key, [])
-        if buf and buf[0][0].shape[1] != refs.shape[1]:
-            _flush(buf, acc, compiled)
-        buf.append((refs, cands, dq))
-        rows = sum(len(r) for r, _, _ in buf)
-        if rows * refs.shape[1] * 8 >= _ROWS_BUFFER_BYTES or rows >= _ROWS_MAX:
-            _flush(buf, acc, compiled)
+        folder.add(key, acc, refs, cands, dq)
 
     def fold(step: _Step) -> None:
         for key, value in step.results.items():
@@ -436,8 +427,7 @@ def _measure(
     finally:
         if reducer is not None:
             reducer.shutdown(wait=True, cancel_futures=True)
-    for key, buf in buffers.items():
-        _flush(buf, accs[key] if key >= 0 else out_accs[-1 - key], compiled)
+    folder.flush()
     notes += [n for n in eng.notes if n not in notes]
     return _Measured(
         accs, out_accs, top1, shapes, broken, notes, deployed_diff, run_seconds, engine_used,
@@ -853,17 +843,47 @@ _ROWS_MAX = 64
 _ROWS_BUFFER_BYTES = 1 << 18
 
 
-def _flush(buf: list, acc: metrics.TensorAccumulator, compiled: bool) -> None:
-    """Reduce the buffered samples of one pair (row by row results, independent of the grouping)."""
-    if not buf:
-        return
-    dqs = {id(dq): dq for _, _, dq in buf}
-    if len(dqs) == 1:
-        _reduce_rows(acc, np.concatenate([r for r, _, _ in buf]), np.concatenate([c for _, c, _ in buf]), buf[0][2], compiled)
-    else:
-        for r, c, dq in buf:
-            _reduce_rows(acc, r, c, dq, compiled)
-    buf.clear()
+class RowFolder:
+    """Folds samples (rows) of many tensor pairs into their accumulators, many rows per call.
+
+    Per-call overhead dominates small tensors, so rows are buffered per key and reduced together
+    once a key holds ``max_rows`` rows or ``max_bytes`` (float64 equivalent); rows of more than
+    ``immediate_elements`` elements are reduced at once (``None``: buffer every size). A row's
+    values never depend on which rows share its call, so the buffering changes no number.
+    """
+
+    def __init__(
+        self, compiled: bool, max_bytes: int = _ROWS_BUFFER_BYTES, max_rows: int = _ROWS_MAX,
+        immediate_elements: int | None = _ROWS_MAX_ELEMENTS,
+    ):  # fmt: skip
+        self.compiled, self.max_bytes, self.max_rows, self.immediate = compiled, max_bytes, max_rows, immediate_elements
+        self._buffers: dict[Any, tuple[metrics.TensorAccumulator, list]] = {}
+
+    def add(self, key: Any, acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq=None) -> None:
+        """Fold the rows of ``refs``/``cands`` (``[k, n]``, one sample per row) into ``acc``."""
+        if self.immediate is not None and refs.shape[1] > self.immediate:
+            _reduce_rows(acc, refs, cands, dq, self.compiled)
+            return
+        _, buf = self._buffers.setdefault(key, (acc, []))
+        if buf and (buf[0][0].shape[1] != refs.shape[1] or buf[0][2] is not dq):
+            self._flush(acc, buf)
+        buf.append((refs, cands, dq))
+        rows = sum(len(r) for r, _, _ in buf)
+        if rows * refs.shape[1] * 8 >= self.max_bytes or rows >= self.max_rows:
+            self._flush(acc, buf)
+
+    def flush(self) -> None:
+        """Reduce everything still buffered."""
+        for acc, buf in self._buffers.values():
+            self._flush(acc, buf)
+
+    def _flush(self, acc: metrics.TensorAccumulator, buf: list) -> None:
+        if not buf:
+            return
+        refs = np.concatenate([r for r, _, _ in buf]) if len(buf) > 1 else buf[0][0]
+        cands = np.concatenate([c for _, c, _ in buf]) if len(buf) > 1 else buf[0][1]
+        _reduce_rows(acc, refs, cands, buf[0][2], self.compiled)
+        buf.clear()
 
 
 def _group_by_memory(keyed: list, fg: Graph, budget: int) -> list[list]:

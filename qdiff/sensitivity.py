@@ -38,8 +38,8 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from qdiff import metrics
-from qdiff.compare import _meta, _real, load_pair, load_tensor_map
+from qdiff import _kernels, metrics
+from qdiff.compare import RowFolder, _meta, _real, load_pair, load_tensor_map
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
@@ -216,21 +216,24 @@ def sensitivity(
 
     acc = {p.layer: metrics.TensorAccumulator() for p in pairs}
     iso = {r.layer: metrics.TensorAccumulator() for r in regions}
+    # samples buffered per layer (up to 128 KiB each) and reduced many at a time
+    folder = RowFolder(_kernels.available(), max_bytes=1 << 17, immediate_elements=None)
     for b, batch in enumerate(first_source):
         s_vals = dict(zip(shadow_taps, s_sess.run(shadow_taps, feed_for(s_sess, batch))))
         q_vals = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
         for p in pairs:
-            ref, cand = s_vals[p.float_tensor], _real(q_vals[p.quant_tensor], p)
-            if np.size(ref) == np.size(cand):
-                acc[p.layer].update(ref, cand)
+            ref, cand = np.asarray(s_vals[p.float_tensor]), np.asarray(_real(q_vals[p.quant_tensor], p))
+            if ref.size == cand.size:
+                folder.add(("accumulated", p.layer), acc[p.layer], ref.reshape(1, -1), cand.reshape(1, -1))
         for r in regions:
-            ref, cand = s_vals[r.float_output], s_vals[iso_taps[r.layer]]
-            if r.output_dequant is not None and np.asarray(cand).dtype.kind in "iu":
+            ref, cand = np.asarray(s_vals[r.float_output]), np.asarray(s_vals[iso_taps[r.layer]])
+            if r.output_dequant is not None and cand.dtype.kind in "iu":
                 cand = r.output_dequant.dequantize(cand)
-            if np.size(ref) == np.size(cand):
-                iso[r.layer].update(ref, cand)
+            if ref.size == cand.size:
+                folder.add(("isolated", r.layer), iso[r.layer], ref.reshape(1, -1), cand.reshape(1, -1))
         if progress is not None:
             progress("isolated", b + 1, first_source.count)
+    folder.flush()
     del s_sess, q_sess
     if first_source.batches == 0:
         from qdiff.errors import DataError
