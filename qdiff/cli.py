@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from qdiff.errors import QdiffError
+from qdiff.errors import QdiffError, UsageError
 
 __all__ = ["main", "add_input_options", "check_writable", "console"]
 
@@ -26,6 +26,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
         cmd = " ".join(self.prog.split()[1:])
         self.exit(2, f"qdiff: error: {message} (see 'qdiff {cmd + ' ' if cmd else ''}--help')\n")
+
+
+def _dask_client(address: str):
+    """A Dask client for ``--dask-scheduler`` (one-line errors when dask is missing or unreachable)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise UsageError("--dask-scheduler needs Dask's distributed package: pip install 'qdiff[dask]'") from None
+    try:
+        return Client(address, timeout="5s")
+    except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+        raise UsageError(f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}); check the address") from None
 
 
 def _bytes(text: str) -> int:
@@ -92,6 +104,10 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="FILE", help="write layers, outputs, weights, unmatched and meta as JSON")
     c.add_argument("--weights", action="store_true", help="also print the weight comparison table")
     c.add_argument("--workers", type=int, default=1, metavar="N", help="shard the samples across N processes")
+    c.add_argument(
+        "--dask-scheduler", metavar="ADDRESS",
+        help="run the --workers shards on a Dask cluster (e.g. tcp://host:8786; needs pip install qdiff[dask])",
+    )  # fmt: skip
     c.add_argument(
         "--max-memory", type=_bytes, metavar="SIZE",
         help="memory the tapped tensors of one sample may take (e.g. 512M, 2G); above it taps are fetched in groups",
@@ -258,11 +274,18 @@ def _compare(args: argparse.Namespace) -> int:
         workers=args.workers,
         max_memory=args.max_memory,
     )
-    with _progress("comparing") as progress:
-        if args.quant_only:
-            result = qdiff.compare_quant_only(args.quant_only, progress=progress, **kwargs)
-        else:
-            result = qdiff.compare(args.models[0], args.models[1], progress=progress, **kwargs)
+    client = _dask_client(args.dask_scheduler) if args.dask_scheduler else None
+    if client is not None:
+        kwargs["executor"] = client.get_executor()
+    try:
+        with _progress("comparing") as progress:
+            if args.quant_only:
+                result = qdiff.compare_quant_only(args.quant_only, progress=progress, **kwargs)
+            else:
+                result = qdiff.compare(args.models[0], args.models[1], progress=progress, **kwargs)
+    finally:
+        if client is not None:
+            client.close()
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(compare_renderable(result, top=args.top))
     if args.weights:

@@ -77,6 +77,7 @@ def compare(
     engine: str = "numpy",
     workers: int = 1,
     max_memory: int | None = None,
+    executor: Any = None,
 ) -> CompareResult:
     """Compare a float model with its quantized (or FP16) version layer by layer.
 
@@ -106,6 +107,10 @@ def compare(
             dict of arrays or None, and models as paths or ModelProtos.
         max_memory: bytes the tapped tensors of one sample may take; above it the taps are
             fetched in groups, one run of both models per group (numpy engine).
+        executor: a :class:`concurrent.futures.Executor` to run the ``workers`` shards on instead
+            of local processes, e.g. a Dask cluster's ``distributed.Client(...).get_executor()``
+            (``pip install qdiff[dask]``). Shards are plain picklable payloads (models as bytes
+            or paths, data as a path or arrays); paths must be readable where the shards run.
 
     Returns:
         A :class:`~qdiff.result.CompareResult`.
@@ -132,13 +137,13 @@ def compare(
         raise UsageError(f"--workers must be at least 1, got {workers}")
     if max_memory is not None and max_memory < 1:
         raise UsageError(f"--max-memory must be a positive number of bytes, got {max_memory}")
-    if workers == 1:
+    if workers == 1 and executor is None:
         m = _measure(session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory, qg)
     else:
         m = _measure_sharded(
             float_model, quant_model, data, tensor_map, workers, engine, options,
             dict(samples=samples, batch_size=batch_size, seed=seed, input_shapes=parse_input_shapes(input_shapes)),
-            len(pairs), len(outputs), progress, max_memory,
+            len(pairs), len(outputs), progress, max_memory, executor,
         )  # fmt: skip
         source.batches, source.samples, source.digests = m.batches, m.samples, m.digests
     if source.batches == 0:
@@ -405,7 +410,7 @@ def _measure(
         )
         run_seconds += time.perf_counter() - t0
         if first and outputs and step.quant_outputs is not None:
-            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, step)
+            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, step, len(group))
         first = False
         if folding is not None:
             folding.result()
@@ -449,14 +454,19 @@ def _run_group(eng, group, first, notes, engine_used, factory, f_loaded, q_loade
         return eng.run_group(group, True), eng, ("numpy" if first else "fused+numpy")
 
 
-def _deployed_diff(factory, eng, q_loaded, outputs, step) -> float:
-    """Is the tapped quantized model still what the deployed one computes? (max |difference| of the outputs)"""
+def _deployed_diff(factory, eng, q_loaded, outputs, step, runs: int) -> float:
+    """Is the tapped quantized model still what the deployed one computes? (max |difference| of the outputs)
+
+    Checked on the first run of the first group (``runs`` runs were batched into ``step``).
+    """
     deployed_sess, _ = open_session(factory, getattr(eng, "deployed_model", q_loaded.proto), q_loaded.label)
     names = [o.quant_tensor for o in outputs]
-    deployed = deployed_sess.run(names, feed_for(deployed_sess, step.feed))
-    return max(
-        _finite_max_diff(_real(d, o), _real(step.quant_outputs[k], o)) for k, (d, o) in enumerate(zip(deployed, outputs))
-    )
+    feed, tapped = step.feed, list(step.quant_outputs)
+    if runs > 1 and getattr(eng, "batched", False):
+        feed = {k: v[: v.shape[0] // runs] for k, v in feed.items()}
+        tapped = [t[: t.shape[0] // runs] if np.ndim(t) else t for t in tapped]
+    deployed = deployed_sess.run(names, feed_for(deployed_sess, feed))
+    return max(_finite_max_diff(_real(d, o), _real(tapped[k], o)) for k, (d, o) in enumerate(zip(deployed, outputs)))
 
 
 def _reduce_rows(acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq, compiled: bool) -> None:
@@ -510,9 +520,9 @@ def _shard_worker(payload: tuple) -> _Measured:
 
 def _measure_sharded(
     float_model, quant_model, data, tensor_map, workers, engine, options, source_kwargs, n_pairs, n_outputs, progress,
-    max_memory=None,
+    max_memory=None, executor=None,
 ) -> _Measured:
-    """Shard the samples across ``workers`` processes and merge their accumulators."""
+    """Shard the samples across ``workers`` processes (or ``executor``) and merge their accumulators."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -520,7 +530,10 @@ def _measure_sharded(
         raise UsageError("--workers cannot be combined with a custom session factory")
     if data is not None and not isinstance(data, (str, os.PathLike, Mapping)):
         raise UsageError("--workers needs data as a file, a folder or a dict of arrays (an iterator cannot be shared)")
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    if executor is not None and not callable(getattr(executor, "map", None)):
+        raise UsageError(f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}")
+    # local processes share this machine's cores; an executor's workers use their own machines'
+    threads = max(1, (os.cpu_count() or 1) // workers) if executor is None else 0
     payloads = [
         (
             _portable(float_model), _portable(quant_model), data, tensor_map, (k, workers), engine, options.provider,
@@ -529,14 +542,29 @@ def _measure_sharded(
         for k in range(workers)
     ]
     merged: _Measured | None = None
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        for done, part in enumerate(pool.map(_shard_worker, payloads), 1):
+
+    def collect(parts) -> None:
+        nonlocal merged
+        for done, part in enumerate(parts, 1):
             merged = part if merged is None else merged.merge(part)
             if progress is not None:
                 progress(done, workers)
+
+    if executor is None:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            collect(pool.map(_shard_worker, payloads))
+        where = f"{workers} worker processes ({threads} thread(s) each)"
+    else:
+        try:
+            collect(executor.map(_shard_worker, payloads))
+        except QdiffError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - cluster failures come in many types
+            raise UsageError(f"a shard failed on the executor: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        where = f"{workers} shard(s) on {type(executor).__name__}"
     assert merged is not None
-    merged.notes.append(f"samples sharded across {workers} worker processes ({threads} thread(s) each)")
+    merged.notes.append(f"samples sharded across {where}")
     return merged
 
 
@@ -575,6 +603,8 @@ class _Engine:
 #: are what onnxruntime runs at once when the models' batch axis allows it
 _GROUP_BYTES = 12 << 20
 _GROUP_MAX_RUNS = 64
+#: runs of the first group that are also run alone to check that batching changes nothing
+_CHECKED_RUNS = 2
 _BATCH_DIM = "qdiff_runs"
 
 
@@ -639,14 +669,16 @@ class _NumpyEngine(_Engine):
             return _merge_steps(steps)
         if not first:
             return self._run(feed, len(group))
-        # first group: batching is kept only if it changes nothing
+        # first group: batching is kept only if it changes nothing for its first runs (an
+        # operator that mixes samples, a fixed batch of 1 or dynamic quantization shows there)
         try:
             batched = self._run(feed, len(group))
         except Exception as exc:  # noqa: BLE001 - e.g. a Reshape to a fixed batch of 1
             batched, why = None, f"a batched run failed ({str(exc).splitlines()[0][:160]})"
-        singles = _merge_steps([self._run(b, 1) for b in group])
+        checked = min(len(group), _CHECKED_RUNS)
+        singles = _merge_steps([self._run(b, 1) for b in group[:checked]])
         if batched is not None:
-            why = _batch_mismatch(batched, singles)
+            why = _batch_mismatch(batched, singles, checked)
         if why is None:
             self.notes.append(
                 f"runs batched {self.runs_per_group} at a time (the models' leading axis is a batch axis; "
@@ -657,7 +689,7 @@ class _NumpyEngine(_Engine):
         log.info("qdiff: %s", self.notes[-1])
         self.batched, self.runs_per_group = False, 1
         self._open(self.f_loaded.proto, self.q_loaded.proto)
-        return _merge_steps([self._run(b, 1) for b in group])
+        return _merge_steps([self._run(b, 1) for b in group])  # original sessions, every run
 
     def _run(self, batch, runs: int) -> _Step:
         results: dict[int, Any] = {}
@@ -731,17 +763,17 @@ def _merge_steps(steps: list[_Step]) -> _Step:
     return _Step(results, top1, steps[0].quant_outputs, steps[0].feed)
 
 
-def _batch_mismatch(batched: _Step, singles: _Step) -> str | None:
-    """Why the batched run differs from the single runs (None when it does not)."""
+def _batch_mismatch(batched: _Step, singles: _Step, checked: int) -> str | None:
+    """Why the first ``checked`` runs of a batched run differ from those runs alone (None: they do not)."""
     for key, b in batched.results.items():
         s = singles.results.get(key)
         if isinstance(b, str) or isinstance(s, str) or isinstance(s, list):
             if isinstance(b, str) and isinstance(s, str):
                 continue
             return "a tapped tensor has a different shape in a batched run"
-        if b[1].shape != s[1].shape or b[2].shape != s[2].shape or b[0] != s[0]:
+        if b[1].shape[1:] != s[1].shape[1:] or b[2].shape[1:] != s[2].shape[1:] or b[0] != s[0]:
             return f"tensor shapes change with the batch ({b[0]} batched, {s[0]} alone)"
-        for x, y in ((b[1], s[1]), (b[2], s[2])):
+        for x, y in ((b[1][:checked], s[1]), (b[2][:checked], s[2])):
             x64, y64 = x.astype(np.float64), y.astype(np.float64)
             ok = np.isfinite(y64)
             if not np.array_equal(ok, np.isfinite(x64)):

@@ -211,3 +211,32 @@ def test_sharded_batched_groups_equal_one_process():
     b = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150, workers=2)
     assert any("runs batched 64" in n for n in a.meta["notes"])
     assert a.layers.equals(b.layers) and a.outputs.equals(b.outputs)
+
+
+def test_shards_run_on_a_dask_cluster(tmp_path, capsys):
+    """An existing Dask cluster runs the shards; the merged result is the one-process result."""
+    distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+    from qdiff.cli import main
+
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
+    data = SAMPLES / "digits_test.npz"
+    a = qdiff.compare(*args, data=data, samples=150)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, distributed.Client(cluster) as client:
+        b = qdiff.compare(*args, data=data, samples=150, workers=3, executor=client.get_executor())
+        assert a.layers.equals(b.layers) and a.outputs.equals(b.outputs)
+        assert any("3 shard(s) on" in n for n in b.meta["notes"])
+        out = tmp_path / "r.json"
+        code = main(["compare", *map(str, args), "--data", str(data), "--samples", "150", "--workers", "2",
+                     "--dask-scheduler", cluster.scheduler_address, "--json", str(out)])  # fmt: skip
+        assert code == 0
+    import json
+
+    doc = json.loads(out.read_text())
+    assert [r["cosine"] for r in doc["layers"]] == pytest.approx(list(a.layers["cosine"]), rel=0, abs=0)
+    capsys.readouterr()
+    assert main(["compare", *map(str, args), "--dask-scheduler", "tcp://127.0.0.1:9", "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot reach the Dask scheduler" in err[0]
+    assert not (tmp_path / "x.json").exists()
