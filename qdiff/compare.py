@@ -405,16 +405,22 @@ def _measure(
     def run(group: list) -> None:
         nonlocal eng, engine_used, run_seconds, deployed_diff, first, done, folding
         t0 = time.perf_counter()
-        step, eng, engine_used = _run_group(
+        steps, eng, engine_used = _run_group(
             eng, group, first, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
         )
         run_seconds += time.perf_counter() - t0
-        if first and outputs and step.quant_outputs is not None:
-            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, step, len(group))
+        if first and outputs:
+            qouts: list = [None] * len(outputs)
+            for st in steps:
+                for k, v in enumerate(st.quant_outputs or []):
+                    qouts[k] = v if v is not None else qouts[k]
+            if all(v is not None for v in qouts):
+                deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, steps[0].feed, len(group))
         first = False
-        if folding is not None:
-            folding.result()
-        folding = reducer.submit(fold, step) if reducer is not None else fold(step)
+        for step in steps:
+            if folding is not None:
+                folding.result()
+            folding = reducer.submit(fold, step) if reducer is not None else fold(step)
         done += len(group)
         if progress is not None:
             progress(done, source.count)
@@ -454,14 +460,14 @@ def _run_group(eng, group, first, notes, engine_used, factory, f_loaded, q_loade
         return eng.run_group(group, True), eng, ("numpy" if first else "fused+numpy")
 
 
-def _deployed_diff(factory, eng, q_loaded, outputs, step, runs: int) -> float:
+def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: int) -> float:
     """Is the tapped quantized model still what the deployed one computes? (max |difference| of the outputs)
 
-    Checked on the first run of the first group (``runs`` runs were batched into ``step``).
+    Checked on the first run of the first group (``runs`` runs were batched into ``feed``).
     """
     deployed_sess, _ = open_session(factory, getattr(eng, "deployed_model", q_loaded.proto), q_loaded.label)
     names = [o.quant_tensor for o in outputs]
-    feed, tapped = step.feed, list(step.quant_outputs)
+    tapped = list(quant_outputs)
     if runs > 1 and getattr(eng, "batched", False):
         feed = {k: v[: v.shape[0] // runs] for k, v in feed.items()}
         tapped = [t[: t.shape[0] // runs] if np.ndim(t) else t for t in tapped]
@@ -595,7 +601,8 @@ class _Engine:
     notes: list[str]
     runs_per_group: int = 1
 
-    def run_group(self, group: list[Mapping[str, np.ndarray]], first: bool) -> _Step:  # pragma: no cover
+    def run_group(self, group: list[Mapping[str, np.ndarray]], first: bool) -> list[_Step]:  # pragma: no cover
+        """The steps of one group of runs, to be folded in order."""
         raise NotImplementedError
 
 
@@ -608,17 +615,82 @@ _CHECKED_RUNS = 2
 _BATCH_DIM = "qdiff_runs"
 
 
+class Batcher:
+    """Runs tapped models on groups of runs, as one batch per group where that changes nothing.
+
+    Runs are concatenated along axis 0 and run at once (``runs_per_group`` of them: as many as fit
+    ``_GROUP_BYTES`` of taps, or ``max_memory``) when every model input has a leading axis, which
+    is made symbolic. The first group is also run one run at a time for its first
+    ``_CHECKED_RUNS`` runs; batching is kept only if every tapped tensor agrees (per-run shapes,
+    values to 1e-3 relative L2). Otherwise the sessions are rebuilt on the original models and
+    runs go one at a time (``notes`` says why).
+    """
+
+    def __init__(
+        self, factory, models: list[tuple[onnx.ModelProto, list[str], str]], per_run_bytes: int | None,
+        max_memory: int | None = None, allow: bool = True,
+    ):  # fmt: skip
+        self.factory, self.models = factory, models
+        self.notes: list[str] = []
+        budget = _GROUP_BYTES if max_memory is None else max_memory
+        runs = 1
+        if allow and per_run_bytes is not None:
+            runs = int(max(1, min(_GROUP_MAX_RUNS, budget // max(1, per_run_bytes))))
+        self.batched = runs > 1 and all(_batch_axis_ok(m) for m, _, _ in models)
+        self.runs_per_group = runs if self.batched else 1
+        self._open()
+
+    def _open(self) -> None:
+        self.sessions, self.untapped = [], []
+        for proto, taps, label in self.models:
+            model = _with_batch_axis(proto) if self.batched else proto
+            sess, notes = open_session(self.factory, tap_model(model, taps), label)
+            self.sessions.append(sess)
+            self.untapped.append(model)
+            self.notes += [n for n in notes if n not in self.notes]
+
+    def fetch(self, batch: Mapping[str, np.ndarray], names: list[list[str]]) -> list[dict[str, np.ndarray]]:
+        """The named tensors of each model for one (possibly batched) run."""
+        return [dict(zip(ns, sess.run(ns, feed_for(sess, batch)))) for sess, ns in zip(self.sessions, names)]
+
+    def parts(self, group: list, first: bool, names: list[list[str]]) -> list[tuple[list[dict], int, Mapping]]:
+        """``(values per model, runs covered, feed)`` for a group: one batched part or one part per run."""
+        feed = _concat_runs(group) if self.batched else None
+        if feed is None:
+            return [(self.fetch(b, names), 1, b) for b in group]
+        if not first:
+            return [(self.fetch(feed, names), len(group), feed)]
+        # first group: an operator that mixes samples, a fixed batch of 1 or dynamic
+        # quantization shows in its first runs
+        why = None
+        try:
+            batched = self.fetch(feed, names)
+        except Exception as exc:  # noqa: BLE001 - e.g. a Reshape to a fixed batch of 1
+            batched, why = None, f"a batched run failed ({str(exc).splitlines()[0][:160]})"
+        if batched is not None:
+            singles = [self.fetch(b, names) for b in group[: min(len(group), _CHECKED_RUNS)]]
+            why = _batch_mismatch(batched, singles, len(group))
+        if why is None:
+            self.notes.append(
+                f"runs batched {self.runs_per_group} at a time (the models' leading axis is a batch axis; "
+                "checked on the first runs against single runs)"
+            )
+            return [(batched, len(group), feed)]
+        self.notes.append(f"runs not batched: {why}")
+        log.info("qdiff: %s", self.notes[-1])
+        self.batched, self.runs_per_group = False, 1
+        self._open()
+        return [(self.fetch(b, names), 1, b) for b in group]
+
+
 class _NumpyEngine(_Engine):
-    """Both models tapped; every pair's tensors copied out and reduced in numpy or compiled kernels.
+    """Both models tapped; every pair's tensors copied out and reduced by the kernels or numpy.
 
     * The quantized side reads a DequantizeLinear's integer input (the QuantizeLinear output)
       where that is all the DequantizeLinear needs, and dequantizes it itself: a quarter of the
       bytes to copy, and onnxruntime keeps fusing the DQ -> op -> Q groups the deployed model
       fuses, because no DequantizeLinear output becomes a graph output.
-    * Runs are concatenated along axis 0 and run as one batch (``runs_per_group``) where both
-      models take the runs' leading axis as a batch axis; the first group is also run one run at
-      a time and batching is kept only if every tapped tensor agrees (shapes, and values to
-      1e-3 relative), otherwise runs go one at a time.
+    * Groups of runs go through a :class:`Batcher`.
     * With a memory budget the pairs are split into groups whose tapped tensors fit it, and each
       group is fetched by its own run of the two sessions (more runs, bounded memory).
     """
@@ -628,79 +700,61 @@ class _NumpyEngine(_Engine):
         compiled: bool = False, qg: Graph | None = None,
     ):  # fmt: skip
         self.pairs, self.outputs, self.compiled = pairs, outputs, compiled
-        self.factory, self.f_loaded, self.q_loaded = factory, f_loaded, q_loaded
         keyed = [(i, p) for i, p in enumerate(pairs)] + [(-1 - k, p) for k, p in enumerate(outputs)]
         # what is tapped on the quantized side (outputs keep their own tensors)
         self.tap_pairs = {key: (_integer_tap(p, qg) if qg is not None and key >= 0 else p) for key, p in keyed}
-        self.f_taps = list(dict.fromkeys(p.float_tensor for _, p in keyed))
-        self.q_taps = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in keyed))
-        self.notes: list[str] = []
+        f_taps = list(dict.fromkeys(p.float_tensor for _, p in keyed))
+        q_taps = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in keyed))
         self.groups = [keyed]
-        per_run = _tap_bytes(keyed, fg, self.tap_pairs, qg) if fg is not None else None
+        notes = []
         if max_memory is not None and fg is not None:
             self.groups = _group_by_memory(keyed, fg, max_memory)
             if len(self.groups) > 1:
-                self.notes.append(
+                notes.append(
                     f"tapped tensors split into {len(self.groups)} groups to stay within --max-memory {max_memory} bytes"
                 )
-        budget = _GROUP_BYTES if max_memory is None else max_memory
-        runs = 1
-        if len(self.groups) == 1 and per_run is not None:
-            runs = int(max(1, min(_GROUP_MAX_RUNS, budget // max(1, per_run))))
-        self.batched = False
-        if runs > 1 and _batch_axis_ok(f_loaded.proto) and _batch_axis_ok(q_loaded.proto):
-            self.runs_per_group = runs
-            self.batched = True
-            f_model, q_model = _with_batch_axis(f_loaded.proto), _with_batch_axis(q_loaded.proto)
-        else:
-            f_model, q_model = f_loaded.proto, q_loaded.proto
-        self._open(f_model, q_model)
+        per_run = _tap_bytes(keyed, fg, self.tap_pairs, qg) if fg is not None else None
+        self.batcher = Batcher(
+            factory, [(f_loaded.proto, f_taps, f_loaded.label), (q_loaded.proto, q_taps, q_loaded.label)],
+            per_run, max_memory, allow=len(self.groups) == 1,
+        )  # fmt: skip
+        self._notes = notes
 
-    def _open(self, f_model: onnx.ModelProto, q_model: onnx.ModelProto) -> None:
-        self.f_sess, n1 = open_session(self.factory, tap_model(f_model, self.f_taps), self.f_loaded.label)
-        self.q_sess, n2 = open_session(self.factory, tap_model(q_model, self.q_taps), self.q_loaded.label)
-        self.deployed_model = q_model
-        self.notes += [n for n in n1 + n2 if n not in self.notes]
+    @property
+    def notes(self) -> list[str]:
+        return self._notes + self.batcher.notes
 
-    def run_group(self, group, first):
-        feed = _concat_runs(group) if self.batched else None
-        if feed is None:
-            steps = [self._run(b, 1) for b in group]
-            return _merge_steps(steps)
-        if not first:
-            return self._run(feed, len(group))
-        # first group: batching is kept only if it changes nothing for its first runs (an
-        # operator that mixes samples, a fixed batch of 1 or dynamic quantization shows there)
-        try:
-            batched = self._run(feed, len(group))
-        except Exception as exc:  # noqa: BLE001 - e.g. a Reshape to a fixed batch of 1
-            batched, why = None, f"a batched run failed ({str(exc).splitlines()[0][:160]})"
-        checked = min(len(group), _CHECKED_RUNS)
-        singles = _merge_steps([self._run(b, 1) for b in group[:checked]])
-        if batched is not None:
-            why = _batch_mismatch(batched, singles, checked)
-        if why is None:
-            self.notes.append(
-                f"runs batched {self.runs_per_group} at a time (the models' leading axis is a batch axis; "
-                "checked on the first runs against single runs)"
-            )
-            return batched
-        self.notes.append(f"runs not batched: {why}")
-        log.info("qdiff: %s", self.notes[-1])
-        self.batched, self.runs_per_group = False, 1
-        self._open(self.f_loaded.proto, self.q_loaded.proto)
-        return _merge_steps([self._run(b, 1) for b in group])  # original sessions, every run
+    @property
+    def runs_per_group(self) -> int:
+        return self.batcher.runs_per_group
 
-    def _run(self, batch, runs: int) -> _Step:
+    @property
+    def deployed_model(self) -> onnx.ModelProto:
+        return self.batcher.untapped[1]
+
+    @property
+    def batched(self) -> bool:
+        return self.batcher.batched
+
+    def _names(self, group: list) -> list[list[str]]:
+        return [
+            list(dict.fromkeys(p.float_tensor for _, p in group)),
+            list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in group)),
+        ]
+
+    def run_group(self, group, first) -> list[_Step]:
+        if len(self.groups) == 1:
+            parts = self.batcher.parts(group, first, self._names(self.groups[0]))
+            return [_merge_steps([self._step(vals, runs, feed, self.groups) for vals, runs, feed in parts])]
+        # taps fetched in memory groups, one run of both models per group, each folded in turn
+        return [self._step(self.batcher.fetch(b, self._names(g)), 1, b, [g]) for b in group for g in self.groups]
+
+    def _step(self, vals: list[dict], runs: int, feed, groups: list) -> _Step:
+        f_vals, q_vals = vals
         results: dict[int, Any] = {}
         top1: dict[int, tuple[int, int]] = {}
         quant_outputs: dict[int, np.ndarray] = {}
-        f_feed, q_feed = feed_for(self.f_sess, batch), feed_for(self.q_sess, batch)
-        for group in self.groups:
-            f_names = list(dict.fromkeys(p.float_tensor for _, p in group))
-            q_names = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in group))
-            f_vals = dict(zip(f_names, self.f_sess.run(f_names, f_feed)))
-            q_vals = dict(zip(q_names, self.q_sess.run(q_names, q_feed)))
+        for group in groups:
             for key, pair in group:
                 tap = self.tap_pairs[key]
                 ref, raw = np.asarray(f_vals[pair.float_tensor]), np.asarray(q_vals[tap.quant_tensor])
@@ -711,9 +765,8 @@ class _NumpyEngine(_Engine):
                         t = metrics.Top1Accumulator()
                         t.update(ref, _real(raw, tap))
                         top1[-1 - key] = (t.rows, t.agree)
-            del f_vals, q_vals
-        qouts = [quant_outputs[-1 - k] for k in range(len(self.outputs))] if self.outputs else None
-        return _Step(results, top1, qouts, q_feed)
+        qouts = [quant_outputs.get(-1 - k) for k in range(len(self.outputs))] if quant_outputs else None
+        return _Step(results, top1, qouts, feed_for(self.batcher.sessions[1], feed))
 
     def _rows(self, ref: np.ndarray, raw: np.ndarray, tap: TensorPair, runs: int):
         if ref.size != raw.size:
@@ -763,25 +816,26 @@ def _merge_steps(steps: list[_Step]) -> _Step:
     return _Step(results, top1, steps[0].quant_outputs, steps[0].feed)
 
 
-def _batch_mismatch(batched: _Step, singles: _Step, checked: int) -> str | None:
-    """Why the first ``checked`` runs of a batched run differ from those runs alone (None: they do not)."""
-    for key, b in batched.results.items():
-        s = singles.results.get(key)
-        if isinstance(b, str) or isinstance(s, str) or isinstance(s, list):
-            if isinstance(b, str) and isinstance(s, str):
-                continue
-            return "a tapped tensor has a different shape in a batched run"
-        if b[1].shape[1:] != s[1].shape[1:] or b[2].shape[1:] != s[2].shape[1:] or b[0] != s[0]:
-            return f"tensor shapes change with the batch ({b[0]} batched, {s[0]} alone)"
-        for x, y in ((b[1][:checked], s[1]), (b[2][:checked], s[2])):
-            x64, y64 = x.astype(np.float64), y.astype(np.float64)
-            ok = np.isfinite(y64)
-            if not np.array_equal(ok, np.isfinite(x64)):
+def _batch_mismatch(batched: list[dict], singles: list[list[dict]], runs: int) -> str | None:
+    """Why a batched run of ``runs`` runs differs from its first runs run alone (None: it does not)."""
+    checked = len(singles)
+    for m, values in enumerate(batched):
+        for name, b in values.items():
+            alone = [np.asarray(s[m][name]) for s in singles]
+            b = np.asarray(b)
+            a0 = alone[0]
+            if b.ndim == 0 or b.ndim != a0.ndim or b.shape[1:] != a0.shape[1:] or b.shape[0] != runs * a0.shape[0]:
+                return f"tensor '{name}' has shape {list(b.shape)} for {runs} runs, {list(a0.shape)} for one"
+            if any(a.shape != a0.shape for a in alone):
+                return f"tensor '{name}' changes shape from run to run"
+            x = b[: checked * a0.shape[0]].astype(np.float64).ravel()
+            y = np.concatenate([a.astype(np.float64).ravel() for a in alone])
+            ok = np.isfinite(y)
+            if not np.array_equal(ok, np.isfinite(x)):
                 return "non-finite values differ between batched and single runs"
             if ok.any():
-                err = np.linalg.norm(x64[ok] - y64[ok])
-                scale = np.linalg.norm(y64[ok])
-                if err > 1e-3 * scale + 1e-12:
+                err = np.linalg.norm(x[ok] - y[ok])
+                if err > 1e-3 * np.linalg.norm(y[ok]) + 1e-12:
                     return "values differ between batched and single runs (an operator mixes samples across the batch axis)"
     return None
 
@@ -831,26 +885,37 @@ def _concat_runs(group: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
 def _integer_tap(pair: TensorPair, qg: Graph) -> TensorPair:
     """The pair with its quantized tensor replaced by the integer input of its DequantizeLinear.
 
-    Only where the DequantizeLinear has constant float32 scale/zero point, no block size, and an
-    8/16-bit integer input computed at run time; otherwise the pair is returned unchanged.
+    Only where :func:`integer_source` finds one; otherwise the pair is returned unchanged.
     """
-    if pair.dequant is not None or pair.quant_tensor not in qg.producer:
+    if pair.dequant is not None:
         return pair
-    node = qg.nodes[qg.producer[pair.quant_tensor]]
+    found = integer_source(qg, pair.quant_tensor)
+    if found is None:
+        return pair
+    return dataclasses.replace(pair, quant_tensor=found[0], dequant=found[1])
+
+
+def integer_source(g: Graph, tensor: str) -> tuple[str, DequantParams] | None:
+    """``(integer tensor, its DequantParams)`` when ``tensor`` is a DequantizeLinear output computed
+    from them alone: constant float32 scale/zero point, no block size, an 8/16-bit integer input
+    computed at run time. Reading that input instead of ``tensor`` gives the same values."""
+    if tensor not in g.producer:
+        return None
+    node = g.nodes[g.producer[tensor]]
     if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
-        return pair
+        return None
     x = node.input[0]
-    if qg.is_constant(x) or attr_value(node, "block_size", 0):
-        return pair
+    if g.is_constant(x) or attr_value(node, "block_size", 0):
+        return None
     int_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
-    if qg.elem_type(x) not in int_types:
-        return pair
-    scale = qg.const_value(node.input[1])
+    if g.elem_type(x) not in int_types:
+        return None
+    scale = g.const_value(node.input[1])
     zp_name = node.input[2] if len(node.input) > 2 else ""
-    zp = qg.const_value(zp_name) if zp_name else np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(qg.elem_type(x)))
+    zp = g.const_value(zp_name) if zp_name else np.zeros((), onnx.helper.tensor_dtype_to_np_dtype(g.elem_type(x)))
     if scale is None or zp is None or scale.dtype != np.float32 or scale.size != zp.size:
-        return pair
-    return dataclasses.replace(pair, quant_tensor=x, dequant=DequantParams(scale, zp, int(attr_value(node, "axis", 1))))
+        return None
+    return x, DequantParams(scale, zp, int(attr_value(node, "axis", 1)))
 
 
 def _tap_bytes(keyed: list, fg: Graph, tap_pairs: dict, qg: Graph | None) -> int | None:
@@ -978,7 +1043,7 @@ class _FusedEngine(_Engine):
             shape = [int(x) for x in shapes[k]] if shapes[k] is not None else None
             results[key] = _Computed(metrics.sample_metrics_from_sums(v), shape)
         top1 = {self.top1_index[j]: (int(v[0]), int(v[1])) for j, v in enumerate(t1)}
-        return _Step(results, top1, qouts, batch)
+        return [_Step(results, top1, qouts, batch)]
 
 
 def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, session_factory: SessionFactory | None):

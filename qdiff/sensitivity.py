@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ import onnx
 import pandas as pd
 
 from qdiff import _kernels, metrics
-from qdiff.compare import RowFolder, _meta, _real, load_pair, load_tensor_map
+from qdiff.compare import Batcher, RowFolder, _integer_tap, _meta, integer_source, load_pair, load_tensor_map
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
@@ -52,7 +53,7 @@ from qdiff.runner import (
     tap_model,
 )
 from qdiff.shadow import build_shadow, keep_float, quantize_only
-from qdiff.structs import Region
+from qdiff.structs import DequantParams, Region
 
 __all__ = ["sensitivity", "SensitivityResult", "load_eval", "SENSITIVITY_COLUMNS", "RANK_BY"]
 
@@ -207,34 +208,80 @@ def sensitivity(
     outputs = list(matching.outputs)
 
     shadow, iso_taps = build_shadow(f_loaded.proto, q_loaded.proto, regions)
+    # integer taps where a DequantizeLinear only dequantizes a QuantizeLinear output: a quarter of
+    # the bytes, onnxruntime's QDQ fusion kept, and the kernels bin 8-bit codes cheaply
+    tapped = {p.layer: _integer_tap(p, qg) for p in pairs}
+    sg = Graph(shadow)
+    iso_int = {r.layer: integer_source(sg, iso_taps[r.layer]) for r in regions if r.output_dequant is None}
+    iso_read = {r.layer: (iso_int[r.layer][0] if iso_int.get(r.layer) else iso_taps[r.layer]) for r in regions}
     f_taps = list(dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs]))
-    q_taps = list(dict.fromkeys([p.quant_tensor for p in pairs] + [o.quant_tensor for o in outputs]))
-    shadow_taps = list(dict.fromkeys(f_taps + list(iso_taps.values())))
-    s_sess, notes = open_session(session_factory, tap_model(shadow, shadow_taps), f"shadow of {f_loaded.label}")
-    q_sess, notes_q = open_session(session_factory, tap_model(q_loaded.proto, q_taps), q_loaded.label)
-    notes += notes_q
-
+    q_taps = list(dict.fromkeys([tapped[p.layer].quant_tensor for p in pairs] + [o.quant_tensor for o in outputs]))
+    shadow_taps = list(dict.fromkeys(f_taps + list(iso_read.values())))
     acc = {p.layer: metrics.TensorAccumulator() for p in pairs}
     iso = {r.layer: metrics.TensorAccumulator() for r in regions}
-    # samples buffered per layer (up to 128 KiB each) and reduced many at a time
+    # runs batched where that changes nothing (see compare.Batcher); samples buffered per layer
+    # (up to 128 KiB each) and reduced many at a time
+    per_run = _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int)
+    batcher = Batcher(
+        session_factory,
+        [(shadow, shadow_taps, f"shadow of {f_loaded.label}"), (q_loaded.proto, q_taps, q_loaded.label)],
+        per_run,
+    )
+    first_source.group = batcher.runs_per_group
     folder = RowFolder(_kernels.available(), max_bytes=1 << 17, immediate_elements=None)
-    for b, batch in enumerate(first_source):
-        s_vals = dict(zip(shadow_taps, s_sess.run(shadow_taps, feed_for(s_sess, batch))))
-        q_vals = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
+    done = 0
+
+    def rows(ref, raw, dq: DequantParams | None, runs: int):
+        ref, raw = np.asarray(ref), np.asarray(raw)
+        if ref.size != raw.size:
+            return None
+        if dq is not None and raw.dtype.kind in "iu" and (dq.per_channel or not folder.compiled):
+            raw, dq = dq.dequantize(raw), None  # per-channel: in the tensor's own layout
+        return ref.reshape(runs, -1), raw.reshape(runs, -1), dq if raw.dtype.kind in "iu" else None
+
+    def fold(s_vals: dict, q_vals: dict, runs: int) -> None:
         for p in pairs:
-            ref, cand = np.asarray(s_vals[p.float_tensor]), np.asarray(_real(q_vals[p.quant_tensor], p))
-            if ref.size == cand.size:
-                folder.add(("accumulated", p.layer), acc[p.layer], ref.reshape(1, -1), cand.reshape(1, -1))
+            t = tapped[p.layer]
+            got = rows(s_vals[p.float_tensor], q_vals[t.quant_tensor], t.dequant, runs)
+            if got is not None:
+                folder.add(("accumulated", p.layer), acc[p.layer], *got)
         for r in regions:
-            ref, cand = np.asarray(s_vals[r.float_output]), np.asarray(s_vals[iso_taps[r.layer]])
-            if r.output_dequant is not None and cand.dtype.kind in "iu":
-                cand = r.output_dequant.dequantize(cand)
-            if ref.size == cand.size:
-                folder.add(("isolated", r.layer), iso[r.layer], ref.reshape(1, -1), cand.reshape(1, -1))
-        if progress is not None:
-            progress("isolated", b + 1, first_source.count)
+            dq = r.output_dequant or (iso_int[r.layer][1] if iso_int.get(r.layer) else None)
+            got = rows(s_vals[r.float_output], s_vals[iso_read[r.layer]], dq, runs)
+            if got is not None:
+                folder.add(("isolated", r.layer), iso[r.layer], *got)
+
+    # a part is folded in a second thread while onnxruntime runs the next (both release the GIL)
+    reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-fold")
+    folding: list = []
+
+    def measure(group: list, first: bool) -> None:
+        for (s_vals, q_vals), runs, _ in batcher.parts(group, first, [shadow_taps, q_taps]):
+            if folding:
+                folding.pop().result()
+            folding.append(reducer.submit(fold, s_vals, q_vals, runs))
+
+    group: list = []
+    first = True
+    try:
+        for batch in first_source:
+            group.append(batch)
+            if len(group) == batcher.runs_per_group:
+                measure(group, first)
+                done, group, first = done + len(group), [], False
+                if progress is not None:
+                    progress("isolated", done, first_source.count)
+        if group:
+            measure(group, first)
+            if progress is not None:
+                progress("isolated", done + len(group), first_source.count)
+        if folding:
+            folding.pop().result()
+    finally:
+        reducer.shutdown(wait=True, cancel_futures=True)
     folder.flush()
-    del s_sess, q_sess
+    notes = list(batcher.notes)
+    del batcher
     if first_source.batches == 0:
         from qdiff.errors import DataError
 
@@ -404,6 +451,21 @@ def _gains_cosine(
         "gain_failures": failed,
         "gain_whole_model_runs": whole,
     }
+
+
+def _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int) -> int | None:
+    """Static estimate of the bytes one run's taps take (shadow + quantized model), None if unknown."""
+    total = 0
+    items = [(p.float_tensor, tapped[p.layer].dequant is not None) for p in pairs]
+    items += [(o.float_tensor, False) for o in outputs]
+    items += [(r.float_output, bool(iso_int.get(r.layer)) or r.output_dequant is not None) for r in regions]
+    for name, integer in items:
+        shape = fg.shape(name)
+        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+            return None
+        # the float side, and the other side as int8 where it is read as integers
+        total += (4 + (1 if integer else 4)) * (int(np.prod(shape)) if shape else 1)
+    return total
 
 
 def _mean_cosine(accs: list[metrics.TensorAccumulator]) -> float | None:
