@@ -19,7 +19,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -408,19 +408,21 @@ def _measure(
         steps, eng, engine_used = _run_group(
             eng, group, first, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
         )
-        run_seconds += time.perf_counter() - t0
-        if first and outputs:
-            qouts: list = [None] * len(outputs)
-            for st in steps:
-                for k, v in enumerate(st.quant_outputs or []):
+        qouts: list = [None] * len(outputs)
+        feed0 = None
+        for step in steps:  # an iterator with --max-memory groups: fetched as they are folded
+            run_seconds += time.perf_counter() - t0
+            if first:
+                feed0 = step.feed if feed0 is None else feed0
+                for k, v in enumerate(step.quant_outputs or []):
                     qouts[k] = v if v is not None else qouts[k]
-            if all(v is not None for v in qouts):
-                deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, steps[0].feed, len(group))
-        first = False
-        for step in steps:
             if folding is not None:
                 folding.result()
             folding = reducer.submit(fold, step) if reducer is not None else fold(step)
+            t0 = time.perf_counter()
+        if first and outputs and all(v is not None for v in qouts):
+            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, feed0, len(group))
+        first = False
         done += len(group)
         if progress is not None:
             progress(done, source.count)
@@ -742,12 +744,13 @@ class _NumpyEngine(_Engine):
             list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in group)),
         ]
 
-    def run_group(self, group, first) -> list[_Step]:
+    def run_group(self, group, first) -> Iterable[_Step]:
         if len(self.groups) == 1:
             parts = self.batcher.parts(group, first, self._names(self.groups[0]))
             return [_merge_steps([self._step(vals, runs, feed, self.groups) for vals, runs, feed in parts])]
-        # taps fetched in memory groups, one run of both models per group, each folded in turn
-        return [self._step(self.batcher.fetch(b, self._names(g)), 1, b, [g]) for b in group for g in self.groups]
+        # taps fetched in memory groups, one run of both models per group, each folded before the
+        # next is fetched (a generator: at most two groups' taps are held)
+        return (self._step(self.batcher.fetch(b, self._names(g)), 1, b, [g]) for b in group for g in self.groups)
 
     def _step(self, vals: list[dict], runs: int, feed, groups: list) -> _Step:
         f_vals, q_vals = vals
