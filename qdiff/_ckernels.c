@@ -29,11 +29,10 @@
 enum { T_F32 = 0, T_F64 = 1, T_I8 = 2, T_U8 = 3, T_I16 = 4, T_U16 = 5 };
 
 static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
-    double t = (x - lo) * factor;
-    /* t is in [0, bins] for finite rows; NaN/garbage rows are clamped (and discarded later) */
-    if (!(t >= 0.0)) return 0;
-    if (t >= (double)last) return last;
-    return (int64_t)t;
+    /* Only rows whose values are all finite and within [lo, hi] are binned (the caller's todo),
+     * so t is in [0, bins * (1 + 2^-52)]: the conversion is defined and truncation is floor. */
+    int64_t k = (int64_t)((x - lo) * factor);
+    return k > last ? last : k;
 }
 
 #define SUMS_BODY(LOAD_C)                                                                  \
@@ -88,10 +87,19 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
         SUMS_BODY(LOAD)                                                                    \
     }
 
+/* 8-bit codes: the dequantized value of each of the 256 codes, looked up (same value bit for bit) */
+#define LOAD_LUT(j) (lut[(uint8_t)c[j]])
+
+#define DEFINE_SUMS_LUT(NAME, CT)                                                          \
+    static void NAME(const float *r, const CT *c, int64_t m, const double *lut,            \
+                     double *out) {                                                        \
+        SUMS_BODY(LOAD_LUT)                                                                \
+    }
+
 DEFINE_SUMS(sums_f32_f32, float, float, LOAD_FLOAT)
+DEFINE_SUMS_LUT(sums_f32_i8_lut, int8_t)
+DEFINE_SUMS_LUT(sums_f32_u8_lut, uint8_t)
 DEFINE_SUMS(sums_f64_f64, double, double, LOAD_FLOAT)
-DEFINE_SUMS(sums_f32_i8, float, int8_t, LOAD_DEQ)
-DEFINE_SUMS(sums_f32_u8, float, uint8_t, LOAD_DEQ)
 DEFINE_SUMS(sums_f32_i16, float, int16_t, LOAD_DEQ)
 DEFINE_SUMS(sums_f32_u16, float, uint16_t, LOAD_DEQ)
 
@@ -154,6 +162,12 @@ int qd_chunks(const void *r, int r_type, const void *c, int c_type, float scale,
               double *parts, int64_t *hist) {
     (void)k;
     int64_t n_chunks = (n + chunk - 1) / chunk;
+    double lut[256];
+    if (c_type == T_I8 || c_type == T_U8)
+        for (int v = 0; v < 256; v++) {
+            float q = c_type == T_I8 ? (float)(int8_t)(uint8_t)v : (float)v;
+            lut[v] = (double)((q - zp) * scale);
+        }
     for (int64_t job = job_lo; job < job_hi; job++) {
         int64_t row = job / n_chunks;
         int64_t start = (job - row * n_chunks) * chunk;
@@ -167,8 +181,8 @@ int qd_chunks(const void *r, int r_type, const void *c, int c_type, float scale,
             const float *rp = (const float *)r + off;
             switch (c_type) {
             case T_F32: sums_f32_f32(rp, (const float *)c + off, m, scale, zp, out); break;
-            case T_I8: sums_f32_i8(rp, (const int8_t *)c + off, m, scale, zp, out); break;
-            case T_U8: sums_f32_u8(rp, (const uint8_t *)c + off, m, scale, zp, out); break;
+            case T_I8: sums_f32_i8_lut(rp, (const int8_t *)c + off, m, lut, out); break;
+            case T_U8: sums_f32_u8_lut(rp, (const uint8_t *)c + off, m, lut, out); break;
             case T_I16: sums_f32_i16(rp, (const int16_t *)c + off, m, scale, zp, out); break;
             case T_U16: sums_f32_u16(rp, (const uint16_t *)c + off, m, scale, zp, out); break;
             default: return -1;

@@ -175,7 +175,9 @@ def row_metrics(
         hi = np.maximum(r.max(axis=1).astype(np.float64), c_hi)
         has_range = hi > lo
         factor = bins / (hi - lo)
-        todo = has_range & np.isfinite(factor)
+        # binned only where every value is finite (a NaN or Inf makes lo or hi non-finite): the
+        # C binning relies on it
+        todo = has_range & np.isfinite(factor) & np.isfinite(lo) & np.isfinite(hi)
     lo = np.ascontiguousarray(np.where(todo, lo, 0.0))
     factor = np.ascontiguousarray(np.where(todo, factor, 0.0))
     todo_u8 = todo.astype(np.uint8)
