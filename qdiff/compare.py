@@ -1136,18 +1136,29 @@ def _frame(
     return df
 
 
+def _rows_metrics(refs: np.ndarray, cands: np.ndarray) -> list[metrics.SampleMetrics]:
+    """SampleMetrics of each row (compiled kernels where built: weights of big models take seconds, not minutes)."""
+    got = _kernels.row_metrics(refs, cands)
+    if got is None:
+        return [metrics.sample_metrics(r, c) for r, c in zip(refs, cands)]
+    values, slow_rows, slow = got
+    n = refs.shape[1]
+    out = [metrics.SampleMetrics(*map(float, v), n, n) for v in values.tolist()]
+    for i, m in zip(slow_rows, slow):
+        out[i] = m
+    return out
+
+
 def _weights_frame(weights: tuple[WeightPair, ...]) -> pd.DataFrame:
     rows = []
     for w in weights:
-        ref = w.float_value.astype(np.float64)
-        cand = w.quant_value.astype(np.float64)
-        m = metrics.sample_metrics(ref, cand)
+        ref, cand = np.asarray(w.float_value), np.asarray(w.quant_value)
+        (m,) = _rows_metrics(ref.reshape(1, -1), cand.reshape(1, -1))
         worst_channel, worst_cos = None, None
         if w.channel_axis is not None and ref.ndim > 1:
             r = np.moveaxis(ref, w.channel_axis, 0).reshape(ref.shape[w.channel_axis], -1)
             c = np.moveaxis(cand, w.channel_axis, 0).reshape(ref.shape[w.channel_axis], -1)
-            cos = [metrics.sample_metrics(r[k], c[k]).cosine for k in range(r.shape[0])]
-            cos = [1.0 if v is None else v for v in cos]
+            cos = [1.0 if v.cosine is None else v.cosine for v in _rows_metrics(r, c)]
             worst_channel = int(np.argmin(cos))
             worst_cos = float(cos[worst_channel])
         rows.append(

@@ -20,11 +20,45 @@ from onnx import numpy_helper
 
 from qdiff.errors import ModelError
 
-__all__ = ["LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike"]
+__all__ = ["LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike", "byte_size", "external_dir"]
 
 log = logging.getLogger(__name__)
 
 ModelLike = Union[str, Path, onnx.ModelProto]
+
+#: metadata key naming the folder of a model's external data when qdiff leaves it on disk
+EXTERNAL_DIR_KEY = "qdiff.external_data_dir"
+#: models whose external data is larger than this keep it on disk: onnxruntime reads it from
+#: the folder, qdiff reads single tensors when it needs them, and protobuf's 2 GB limit on a
+#: serialized model never applies (smaller external data is loaded into the proto)
+KEEP_EXTERNAL_BYTES = 1 << 30
+#: constant values up to this size are cached by Graph.const_value
+_CACHE_MAX_BYTES = 16 << 20
+
+
+def byte_size(model: onnx.ModelProto) -> int:
+    """The serialized size of a model, or a number above 2 GB where protobuf refuses to count."""
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 - protobuf's EncodeError above 2 GB
+        return 2**31
+
+
+def external_dir(model: onnx.ModelProto) -> str | None:
+    """The folder of the external data a model loaded by :func:`load_model` left on disk."""
+    for prop in model.metadata_props:
+        if prop.key == EXTERNAL_DIR_KEY:
+            return prop.value
+    return None
+
+
+def _external_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            total += int(info.get("length", 0) or 0)
+    return total
 
 #: onnx element types holding real numbers (the ones a quantization error is measured on).
 FLOAT_TYPES = frozenset(
@@ -37,7 +71,8 @@ class LoadedModel:
     """A model as qdiff received it.
 
     Attributes:
-        proto: the ModelProto, external data loaded.
+        proto: the ModelProto, external data loaded (or, above ``KEEP_EXTERNAL_BYTES``, left on
+            disk with its folder recorded under ``EXTERNAL_DIR_KEY`` in the metadata).
         label: how messages name it (the file name, or ``"<float ModelProto>"``).
         path: the file it came from, or None for an in-memory ModelProto.
         sha256: hash of the serialized model, recorded in a result's meta.
@@ -62,7 +97,7 @@ def load_model(model: ModelLike, *, role: str = "model") -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
-        data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else b""
+        data = proto.SerializeToString() if byte_size(proto) < 2**31 - 1 else b""
         return LoadedModel(proto, f"<{role} ModelProto>", None, hashlib.sha256(data).hexdigest())
     path = Path(model)
     if not path.exists():
@@ -74,11 +109,18 @@ def load_model(model: ModelLike, *, role: str = "model") -> LoadedModel:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # protobuf raises DecodeError and friends
+        proto = onnx.load(str(path), load_external_data=False)
+        if _external_bytes(proto) > KEEP_EXTERNAL_BYTES:
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.resolve().parent)
+        elif any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(proto, str(path.parent))
+    except Exception as exc:  # protobuf raises DecodeError and friends; missing data files
         raise ModelError(
             f"{role} '{path}' is not a readable ONNX model ({type(exc).__name__}: {exc}); "
-            "pass the .onnx file the exporter or quantizer wrote"
+            "pass the .onnx file the exporter or quantizer wrote, with its external data files beside it"
         ) from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelError(f"{role} '{path}' is not an ONNX model (it holds no graph); pass an .onnx file")
@@ -129,6 +171,7 @@ class Graph:
                 self._types[vi.name] = vi.type
         self._constants = self._find_constants()
         self._value_cache: dict[str, np.ndarray | None] = {}
+        self.external_dir = external_dir(model)
 
     # -- structure ------------------------------------------------------------------------
     def node_label(self, idx: int) -> str:
@@ -159,7 +202,7 @@ class Graph:
             return self._value_cache[name]
         value: np.ndarray | None = None
         if name in self.initializers:
-            value = numpy_helper.to_array(self.initializers[name])
+            value = numpy_helper.to_array(self.initializers[name], base_dir=self.external_dir or "")
         elif name in self.producer:
             node = self.nodes[self.producer[name]]
             if node.op_type == "Constant":
@@ -171,7 +214,8 @@ class Graph:
                 if src is not None:
                     to = onnx.helper.get_attribute_value(_attr(node, "to"))
                     value = src.astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-        self._value_cache[name] = value
+        if value is None or value.nbytes <= _CACHE_MAX_BYTES:  # big weights are read again when needed
+            self._value_cache[name] = value
         return value
 
     # -- types ----------------------------------------------------------------------------
@@ -240,7 +284,7 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() > 2**31 - 1:
+    if byte_size(model) > 2**31 - 1:
         return model  # onnx's in-memory shape inference is limited to 2 GB protos
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=False)

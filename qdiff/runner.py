@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from qdiff.errors import ModelError, ProviderError
-from qdiff.graph import with_ir_version
+from qdiff.graph import byte_size, external_dir, with_ir_version
 
 __all__ = [
     "Session",
@@ -124,7 +124,10 @@ def default_session_factory(options: SessionOptions | None = None) -> SessionFac
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        if model.ByteSize() < _PROTO_LIMIT:
+        folder = external_dir(model)
+        if folder is not None:  # weights left on disk by load_model: onnxruntime reads them there
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        if byte_size(model) < _PROTO_LIMIT:
             return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
         with tempfile.TemporaryDirectory(prefix="qdiff-") as tmp:
             path = os.path.join(tmp, "model.onnx")

@@ -240,3 +240,31 @@ def test_shards_run_on_a_dask_cluster(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot reach the Dask scheduler" in err[0]
     assert not (tmp_path / "x.json").exists()
+
+
+def test_models_with_external_data_kept_on_disk(tmp_path, monkeypatch):
+    """Above KEEP_EXTERNAL_BYTES weights stay on disk (the > 2 GB path): same numbers as loaded."""
+    import onnx
+
+    from qdiff import graph
+
+    f = tmp_path / "f.onnx"
+    conv_net(f)
+    q = quantize(f, tmp_path / "q.onnx", conv_feeds(8))
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    for src in (f, q):
+        m = onnx.load(src)
+        onnx.save(m, ext / src.name, save_as_external_data=True, location=src.stem + ".data", size_threshold=0)
+    data = {"x": np.concatenate([d["x"] for d in conv_feeds(20, seed=5)])}
+    loaded = qdiff.compare(ext / "f.onnx", ext / "q.onnx", data=data)
+    monkeypatch.setattr(graph, "KEEP_EXTERNAL_BYTES", 0)
+    kept = graph.load_model(ext / "f.onnx")
+    assert graph.external_dir(kept.proto) == str(ext.resolve())
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in kept.proto.graph.initializer if t.dims)
+    monkeypatch.chdir(tmp_path)  # onnxruntime must find the data through the recorded folder
+    on_disk = qdiff.compare(ext / "f.onnx", ext / "q.onnx", data=data)
+    np.testing.assert_array_equal(on_disk.layers[COLS].to_numpy(float), loaded.layers[COLS].to_numpy(float))
+    assert on_disk.weights[["cosine"]].equals(loaded.weights[["cosine"]])
+    base = qdiff.compare(f, q, data=data)
+    np.testing.assert_array_equal(base.layers[COLS].to_numpy(float), loaded.layers[COLS].to_numpy(float))
