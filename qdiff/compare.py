@@ -119,6 +119,12 @@ def compare(
         QdiffError: a subclass naming what is wrong with the models, data or options.
     """
     started = time.perf_counter()
+    if engine not in ("auto", "fused", "numpy"):
+        raise UsageError(f"engine must be auto, fused or numpy, not '{engine}'")
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    if max_memory is not None and max_memory < 1:
+        raise UsageError(f"--max-memory must be a positive number of bytes, got {max_memory}")
     f_loaded, q_loaded, fg, qg, f_specs, session_factory, options = load_pair(
         float_model, quant_model, provider, session_factory
     )
@@ -130,13 +136,11 @@ def compare(
     matching = match_models(fg, qg, tensor_map)
     pairs = list(matching.pairs)
     outputs = list(matching.outputs)
+    # the weight table first, so the float weights and their dequantized twins are freed before
+    # the sessions load the models (on a 2 GB model they are 4 GB of arrays)
+    weights = _weights_frame(matching.weights)
+    matching = dataclasses.replace(matching, weights=())
 
-    if engine not in ("auto", "fused", "numpy"):
-        raise UsageError(f"engine must be auto, fused or numpy, not '{engine}'")
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
-    if max_memory is not None and max_memory < 1:
-        raise UsageError(f"--max-memory must be a positive number of bytes, got {max_memory}")
     if workers == 1 and executor is None:
         m = _measure(session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory, qg)
     else:
@@ -157,7 +161,6 @@ def compare(
     outs = _frame(outputs, out_accs, shapes, broken, OUTPUT_COLUMNS, offset=-1)
     if len(outs):
         outs["top1_agreement"] = [t.result() for t in top1]
-    weights = _weights_frame(matching.weights)
     unmatched = pd.DataFrame([asdict(u) for u in matching.unmatched], columns=UNMATCHED_COLUMNS)
     warnings = _identity_warnings(weights, layers)
     meta = _meta(
@@ -1149,6 +1152,31 @@ def _rows_metrics(refs: np.ndarray, cands: np.ndarray) -> list[metrics.SampleMet
     return out
 
 
+def _channel_cosines(ref: np.ndarray, cand: np.ndarray, axis: int) -> np.ndarray:
+    """Cosine of each channel (slices along ``axis``), with sample_metrics' conventions.
+
+    A leading channel axis gives contiguous rows (the kernels); a trailing one (MatMul/Gemm
+    weights) is reduced in blocks of rows in float64 without transposing the weight (a 256 MB
+    transpose took ~1.5 s); other axes are moved to the front.
+    """
+    channels = ref.shape[axis]
+    if axis == ref.ndim - 1 and np.isfinite(ref).all() and np.isfinite(cand).all():
+        r2, c2 = ref.reshape(-1, channels), cand.reshape(-1, channels)
+        rr, cc, rc = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+        step = max(1, (1 << 22) // channels)
+        for i in range(0, r2.shape[0], step):
+            a, b = r2[i : i + step].astype(np.float64), c2[i : i + step].astype(np.float64)
+            rr += np.einsum("ij,ij->j", a, a)
+            cc += np.einsum("ij,ij->j", b, b)
+            rc += np.einsum("ij,ij->j", a, b)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos = np.clip(rc / np.sqrt(rr * cc), -1.0, 1.0)
+        return np.where((rr == 0) & (cc == 0), 1.0, np.where((rr == 0) | (cc == 0), 0.0, cos))
+    r = np.moveaxis(ref, axis, 0).reshape(channels, -1)
+    c = np.moveaxis(cand, axis, 0).reshape(channels, -1)
+    return np.array([1.0 if v.cosine is None else v.cosine for v in _rows_metrics(r, c)])
+
+
 def _weights_frame(weights: tuple[WeightPair, ...]) -> pd.DataFrame:
     rows = []
     for w in weights:
@@ -1156,9 +1184,7 @@ def _weights_frame(weights: tuple[WeightPair, ...]) -> pd.DataFrame:
         (m,) = _rows_metrics(ref.reshape(1, -1), cand.reshape(1, -1))
         worst_channel, worst_cos = None, None
         if w.channel_axis is not None and ref.ndim > 1:
-            r = np.moveaxis(ref, w.channel_axis, 0).reshape(ref.shape[w.channel_axis], -1)
-            c = np.moveaxis(cand, w.channel_axis, 0).reshape(ref.shape[w.channel_axis], -1)
-            cos = [1.0 if v.cosine is None else v.cosine for v in _rows_metrics(r, c)]
+            cos = _channel_cosines(ref, cand, w.channel_axis % ref.ndim)
             worst_channel = int(np.argmin(cos))
             worst_cos = float(cos[worst_channel])
         rows.append(

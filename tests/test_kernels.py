@@ -268,3 +268,22 @@ def test_models_with_external_data_kept_on_disk(tmp_path, monkeypatch):
     assert on_disk.weights[["cosine"]].equals(loaded.weights[["cosine"]])
     base = qdiff.compare(f, q, data=data)
     np.testing.assert_array_equal(base.layers[COLS].to_numpy(float), loaded.layers[COLS].to_numpy(float))
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_channel_cosines_equal_per_channel_sample_metrics(axis):
+    rng = np.random.default_rng(7)
+    ref = rng.standard_normal((6, 5, 40)).astype(np.float32)
+    cand = (ref + 0.05 * rng.standard_normal(ref.shape)).astype(np.float32)
+    idx = [slice(None)] * 3
+    idx[axis] = 1
+    ref[tuple(idx)], cand[tuple(idx)] = 0, 0  # both zero: 1.0
+    idx[axis] = 2
+    cand[tuple(idx)] = 0  # one zero: 0.0
+    got = compare_module._channel_cosines(ref, cand, axis)
+    want = [
+        qm.sample_metrics(np.take(ref, k, axis=axis), np.take(cand, k, axis=axis)).cosine
+        for k in range(ref.shape[axis])
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert got[1] == 1.0 and got[2] == 0.0
