@@ -209,7 +209,7 @@ def sensitivity(
 
     shadow, iso_taps = build_shadow(f_loaded.proto, q_loaded.proto, regions)
     # integer taps where a DequantizeLinear only dequantizes a QuantizeLinear output: a quarter of
-    # the bytes, onnxruntime's QDQ fusion kept, and the kernels bin 8-bit codes cheaply
+    # the bytes, and the kernels bin 8-bit codes cheaply
     tapped = {p.layer: _integer_tap(p, qg) for p in pairs}
     sg = Graph(shadow)
     iso_int = {r.layer: integer_source(sg, iso_taps[r.layer]) for r in regions if r.output_dequant is None}
