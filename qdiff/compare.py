@@ -693,8 +693,8 @@ class _NumpyEngine(_Engine):
 
     * The quantized side reads a DequantizeLinear's integer input (the QuantizeLinear output)
       where that is all the DequantizeLinear needs, and dequantizes it itself: a quarter of the
-      bytes to copy, and QLinearAdd/QLinearMul fusions survive (DQ -> Conv -> Q groups whose Q
-      output is a graph output are not fused by onnxruntime either way).
+      bytes to copy, and QLinearAdd/QLinearMul fusions survive (a DQ -> Conv -> Q group whose
+      input DQ reads a tapped tensor is not fused by onnxruntime either way).
     * Groups of runs go through a :class:`Batcher`.
     * With a memory budget the pairs are split into groups whose tapped tensors fit it, and each
       group is fetched by its own run of the two sessions (more runs, bounded memory).
