@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import onnx
 import pandas as pd
+from onnx import numpy_helper
 
 from qdiff import _kernels, metrics
 from qdiff.errors import QdiffError, UsageError
 from qdiff.fused import FusedUnavailable, build_fused
-from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, load_model
+from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, external_dir, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import match_models
 from qdiff.result import (
@@ -702,7 +703,7 @@ class _NumpyEngine(_Engine):
 
     def __init__(
         self, factory, f_loaded, q_loaded, pairs, outputs, max_memory: int | None = None, fg: Graph | None = None,
-        compiled: bool = False, qg: Graph | None = None,
+        compiled: bool = False, qg: Graph | None = None, prefuse: bool = True,
     ):  # fmt: skip
         self.pairs, self.outputs, self.compiled = pairs, outputs, compiled
         keyed = [(i, p) for i, p in enumerate(pairs)] + [(-1 - k, p) for k, p in enumerate(outputs)]
@@ -719,11 +720,20 @@ class _NumpyEngine(_Engine):
                     f"tapped tensors split into {len(self.groups)} groups to stay within --max-memory {max_memory} bytes"
                 )
         per_run = _tap_bytes(keyed, fg, self.tap_pairs, qg) if fg is not None else None
+        q_model = q_loaded.proto
+        self._original_names = {t.quant_tensor for t in self.tap_pairs.values()}
+        self.unfused = None  # (original model, taps) kept to check the prefused taps once
+        prefused = _prefused(q_loaded.proto, self.tap_pairs, qg) if prefuse and qg is not None else None
+        if prefused is not None:
+            self.unfused = (q_loaded.proto, dict(self.tap_pairs), factory)
+            q_model, self.tap_pairs = prefused
+            q_taps = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in keyed))
         self.batcher = Batcher(
-            factory, [(f_loaded.proto, f_taps, f_loaded.label), (q_loaded.proto, q_taps, q_loaded.label)],
+            factory, [(f_loaded.proto, f_taps, f_loaded.label), (q_model, q_taps, q_loaded.label)],
             per_run, max_memory, allow=len(self.groups) == 1,
         )  # fmt: skip
         self._notes = notes
+        self._keyed, self._args = keyed, (factory, f_loaded, q_loaded, max_memory, fg, qg)
 
     @property
     def notes(self) -> list[str]:
@@ -741,6 +751,31 @@ class _NumpyEngine(_Engine):
     def batched(self) -> bool:
         return self.batcher.batched
 
+    @property
+    def prefused_count(self) -> int:
+        return sum(1 for k, t in self.tap_pairs.items() if k >= 0 and t.quant_tensor not in self._original_names)
+
+    def _check_prefused(self, run: Mapping[str, np.ndarray]) -> str | None:
+        """Do the fused graph's taps give the unfused taps' values on one run? (None: yes)"""
+        model, taps, factory = self.unfused
+        names = list(dict.fromkeys(taps[k].quant_tensor for k, _ in self._keyed))
+        try:
+            sess, _ = open_session(factory, tap_model(model, names), "unfused check")
+            want = dict(zip(names, sess.run(names, feed_for(sess, run))))
+            got_names = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in self._keyed))
+            single = self.batcher.fetch(run, [[], got_names])[1]
+        except Exception as exc:  # noqa: BLE001 - any failure: tap the model as given
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        for key, _ in self._keyed:
+            a = _real(want[taps[key].quant_tensor], taps[key]).astype(np.float64).ravel()
+            b = _real(single[self.tap_pairs[key].quant_tensor], self.tap_pairs[key]).astype(np.float64).ravel()
+            if a.shape != b.shape:
+                return f"tensor for '{self.tap_pairs[key].layer}' has another shape"
+            ok = np.isfinite(a) & np.isfinite(b)
+            if np.linalg.norm(a[ok] - b[ok]) > 1e-2 * np.linalg.norm(a[ok]) + 1e-9:
+                return f"values of '{self.tap_pairs[key].layer}' differ from the unfused model's"
+        return None
+
     def _names(self, group: list) -> list[list[str]]:
         return [
             list(dict.fromkeys(p.float_tensor for _, p in group)),
@@ -748,6 +783,21 @@ class _NumpyEngine(_Engine):
         ]
 
     def run_group(self, group, first) -> Iterable[_Step]:
+        if first and self.unfused is not None:
+            why = self._check_prefused(group[0])
+            if why is not None:  # tap the model as given instead
+                factory, f_loaded, q_loaded, max_memory, fg, qg = self._args
+                self.__init__(
+                    factory, f_loaded, q_loaded, self.pairs, self.outputs, max_memory, fg, self.compiled, qg,
+                    prefuse=False,
+                )  # fmt: skip
+                self._notes.append(f"onnxruntime's fused graph not tapped: {why}")
+            else:
+                self._notes.append(
+                    f"quantized model tapped in onnxruntime's fused graph ({self.prefused_count} layer(s) read "
+                    "from fused QLinear* nodes, checked against the unfused taps on the first run)"
+                )
+            self.unfused = None
         if len(self.groups) == 1:
             parts = self.batcher.parts(group, first, self._names(self.groups[0]))
             return [_merge_steps([self._step(vals, runs, feed, self.groups) for vals, runs, feed in parts])]
@@ -886,6 +936,96 @@ def _concat_runs(group: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
             if v.shape != first[k].shape or v.dtype != first[k].dtype or v.ndim == 0:
                 return None
     return {k: np.concatenate([b[k] for b in group]) for k in first}
+
+
+#: where fused quantized ops keep their output scale and zero point (input indices)
+_QLINEAR_OUT = {
+    "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7), "QLinearMul": (6, 7),
+    "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4), "QLinearLeakyRelu": (3, 4),
+    "QLinearSigmoid": (3, 4), "QLinearConcat": (0, 1), "QGemm": (7, 8), "QLinearSoftmax": (3, 4),
+}  # fmt: skip
+
+
+#: ops onnxruntime runs directly on integers once their Q/DQ pair is dropped (same scale/zero point)
+_INTEGER_PASS = frozenset(
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather",
+     "Resize", "DepthToSpace", "SpaceToDepth", "Split", "Expand", "Tile"}
+)  # fmt: skip
+
+
+def _prefused(q_proto: onnx.ModelProto, taps: dict, qg: Graph) -> tuple[onnx.ModelProto, dict] | None:
+    """onnxruntime's own fused version of the quantized model, and each tap's tensor in it.
+
+    Tapping a QuantizeLinear output stops onnxruntime fusing the DQ -> Conv -> Q group that reads
+    it, so the tapped model would run its convolutions in float. Instead the model (batch axis
+    symbolic) is optimized once by onnxruntime (``ORT_ENABLE_EXTENDED``, saved), and the taps are
+    found in that graph: a tensor kept under its name, a QuantizeLinear kept under its node name,
+    or the fused ``QLinear*`` node named after the original target (through a Relu/Clip), read
+    with that node's output scale and zero point (onnxruntime turns int8 into uint8 with the
+    zero point shifted by 128). None where any tap cannot be found, or the model keeps its
+    weights on disk; the caller then taps the model as given.
+    """
+    if external_dir(q_proto) is not None:
+        return None
+    try:
+        import tempfile
+
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(prefix="qdiff-fused-") as tmp:
+            path = os.path.join(tmp, "fused.onnx")
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            so.optimized_model_filepath = path
+            so.log_severity_level = 3
+            ort.InferenceSession(_with_batch_axis(q_proto).SerializeToString(), so, providers=["CPUExecutionProvider"])
+            opt = onnx.load(path)
+    except Exception:  # noqa: BLE001 - optimisation is an optimisation: tap the model as given
+        return None
+    produced = {o for n in opt.graph.node for o in n.output} | {i.name for i in opt.graph.input}
+    producer = {o: n for n in opt.graph.node for o in n.output}
+    by_name = {n.name: n for n in opt.graph.node if n.name}
+    consts = {t.name: t for t in opt.graph.initializer}
+
+    def value(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(consts[name]) if name in consts else None
+
+    def params(node: onnx.NodeProto, depth: int = 0) -> tuple[str, str] | None:
+        """Names of the scale and zero point of ``node``'s (integer) output."""
+        if node.op_type == "QuantizeLinear" and len(node.input) >= 3:
+            return node.input[1], node.input[2]
+        if node.op_type in _QLINEAR_OUT:
+            i, j = _QLINEAR_OUT[node.op_type]
+            return node.input[i], node.input[j]
+        # ops onnxruntime runs on the integers as they are (their Q/DQ dropped): input's params
+        if node.op_type in _INTEGER_PASS and node.input and node.input[0] in producer and depth < 64:
+            return params(producer[node.input[0]], depth + 1)
+        return None
+
+    out = {}
+    for key, tap in taps.items():
+        t = tap.quant_tensor
+        if t in produced:
+            out[key] = tap
+            continue
+        if key < 0 or tap.dequant is None or t not in qg.producer:
+            return None
+        qnode = qg.nodes[qg.producer[t]]
+        fused = by_name.get(qnode.name)
+        if fused is None or fused.op_type != "QuantizeLinear":
+            src = qg.nodes[qg.producer[qnode.input[0]]] if qnode.input[0] in qg.producer else None
+            while src is not None and src.op_type in ("Relu", "Clip") and src.input[0] in qg.producer:
+                src = qg.nodes[qg.producer[src.input[0]]]
+            fused = by_name.get(src.name) if src is not None and src.name else None
+        names = params(fused) if fused is not None else None
+        if names is None:
+            return None
+        scale, zp = value(names[0]), value(names[1])
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1 or scale.dtype != np.float32:
+            return None
+        out[key] = dataclasses.replace(tap, quant_tensor=fused.output[0], dequant=DequantParams(scale, zp, 1))
+    opt.ir_version = min(opt.ir_version, q_proto.ir_version) or q_proto.ir_version
+    return opt, out
 
 
 def _integer_tap(pair: TensorPair, qg: Graph) -> TensorPair:

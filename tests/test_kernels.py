@@ -287,3 +287,16 @@ def test_channel_cosines_equal_per_channel_sample_metrics(axis):
     ]
     np.testing.assert_allclose(got, want, rtol=1e-12)
     assert got[1] == 1.0 and got[2] == 0.0
+
+
+def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
+    """Taps found in onnxruntime's fused graph (QLinearConv/QGemm outputs) give the unfused taps' numbers."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
+    fused = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=100)
+    assert any("fused graph (" in n for n in fused.meta["notes"]), fused.meta["notes"]
+    assert fused.meta["tapped_vs_deployed_max_abs"] == 0.0
+    monkeypatch.setattr(compare_module, "_prefused", lambda *a: None)
+    plain = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=100)
+    assert not any("fused graph" in n for n in plain.meta["notes"])
+    cols = ["cosine", "mse", "max_abs", "sqnr_db"]
+    np.testing.assert_allclose(fused.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3)
