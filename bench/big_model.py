@@ -27,7 +27,12 @@ def build(workdir: Path, samples: int) -> tuple[Path, Path, Path]:
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     f_path, q_path, data_path = workdir / "big.float.onnx", workdir / "big.int8.onnx", workdir / "big_data.npz"
     rng = np.random.default_rng(0)

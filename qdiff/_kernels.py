@@ -35,7 +35,7 @@ import numpy as np
 from qdiff import metrics
 from qdiff.structs import DequantParams
 
-__all__ = ["available", "unavailable_reason", "row_metrics", "CHUNK"]
+__all__ = ["CHUNK", "available", "row_metrics", "unavailable_reason"]
 
 #: elements per chunk of a row (a row's partial sums are combined in this fixed order)
 CHUNK = 1 << 14

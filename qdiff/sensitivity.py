@@ -281,7 +281,7 @@ def sensitivity(
         reducer.shutdown(wait=True, cancel_futures=True)
     folder.flush()
     notes = list(batcher.notes)
-    del batcher
+    batcher = None  # the sessions go before the edited models load
     if first_source.batches == 0:
         from qdiff.errors import DataError
 
