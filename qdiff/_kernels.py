@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from qdiff import metrics
+from qdiff.runner import available_cpus
 from qdiff.structs import DequantParams
 
 __all__ = ["CHUNK", "available", "row_metrics", "unavailable_reason"]
@@ -94,13 +95,6 @@ def _load() -> Any:
         lib.qd_finish.restype = None
         _lib = lib
         return _lib
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _threads() -> Any:
@@ -187,7 +181,7 @@ def row_metrics(
     hist = np.zeros((jobs, 2, bins), dtype=np.int64)
     head = (_ptr(r), _TYPES[r.dtype], _ptr(c), _TYPES[c.dtype], scale, zp, k, n, CHUNK, bins)
     tail = (_ptr(lo), _ptr(factor), _ptr(todo_u8))
-    if k * n >= _THREADED_MIN and jobs > 1 and _cpus() > 1:
+    if k * n >= _THREADED_MIN and jobs > 1 and available_cpus() > 1:
         half = jobs // 2
         pending = _threads().submit(lib.qd_chunks, *head, *tail, half, jobs, _ptr(parts), _ptr(hist))
         rc1 = lib.qd_chunks(*head, *tail, 0, half, _ptr(parts), _ptr(hist))

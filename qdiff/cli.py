@@ -250,7 +250,6 @@ def _compare(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import qdiff
-    from qdiff.errors import UsageError
     from qdiff.render import compare_renderable
 
     from qdiff.cli_report import write_reports
@@ -380,7 +379,6 @@ def _fallback(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from qdiff.errors import UsageError
     from qdiff.fallback import fallback
     from qdiff.render import fallback_renderable
 
@@ -463,7 +461,6 @@ def _match(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     import qdiff
-    from qdiff.errors import UsageError
     from qdiff.render import alignment_renderable
 
     if args.output and not args.output.lower().endswith((".json", ".csv")):
@@ -482,8 +479,6 @@ def _match(args: argparse.Namespace) -> int:
 def _check_outputs(args: argparse.Namespace, kind: str) -> None:
     """Validate --top and every output file option before the (long) run starts."""
     from qdiff.cli_report import check_report_options
-    from qdiff.errors import UsageError
-
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     for opt in ("csv", "json"):
@@ -508,8 +503,6 @@ def _check_writable(path: str | None, option: str) -> None:
     if not path:
         return
     from pathlib import Path
-
-    from qdiff.errors import UsageError
 
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")

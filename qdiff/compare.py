@@ -45,6 +45,7 @@ from qdiff.result import (
     CompareResult,
 )
 from qdiff.runner import (
+    available_cpus,
     SessionFactory,
     SessionOptions,
     default_session_factory,
@@ -860,8 +861,8 @@ def _merge_steps(steps: list[_Step]) -> _Step:
             results[key] = bad
             continue
         if len({v[1].shape[1] for v in vals}) > 1 or len({v[3] is None for v in vals}) > 1:
-            # runs of different sizes: each run is its own group of rows
-            results[key] = vals  # handled by _split_results
+            # runs of different sizes: a list, folded run by run (see take() in _measure)
+            results[key] = vals
             continue
         results[key] = (vals[0][0], np.concatenate([v[1] for v in vals]), np.concatenate([v[2] for v in vals]), vals[0][3])
     top1: dict[int, tuple[int, int]] = {}
@@ -1073,10 +1074,9 @@ def _tap_bytes(keyed: list, fg: Graph, tap_pairs: dict, qg: Graph | None) -> int
     """Static estimate of the bytes one run's taps take on both sides (None if a shape is unknown)."""
     total = 0
     for key, pair in keyed:
-        shape = fg.shape(pair.float_tensor)
-        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+        elements = fg.elements(pair.float_tensor)
+        if elements is None:
             return None
-        elements = int(np.prod(shape)) if shape else 1
         q_type = qg.elem_type(tap_pairs[key].quant_tensor) if qg is not None else None
         q_bytes = onnx.helper.tensor_dtype_to_np_dtype(q_type).itemsize if q_type else 4
         total += elements * (4 + q_bytes)
@@ -1139,9 +1139,7 @@ def _group_by_memory(keyed: list, fg: Graph, budget: int) -> list[list]:
     groups: list[list] = [[]]
     used = 0
     for key, pair in keyed:
-        shape = fg.shape(pair.float_tensor) or []
-        elements = int(np.prod([d if isinstance(d, int) and d > 0 else 1 for d in shape])) if shape else 1
-        cost = 2 * 4 * elements  # float32 on both sides (a conservative estimate for int8/fp16 taps)
+        cost = 2 * 4 * fg.elements(pair.float_tensor, unknown_dim=1)  # float32 on both sides (a conservative estimate for int8/fp16 taps)
         if groups[-1] and used + cost > budget:
             groups.append([])
             used = 0
@@ -1221,10 +1219,7 @@ def _inference_threads() -> int:
     """onnxruntime threads per session: all cores but one, which the reducer thread uses while
     onnxruntime runs the next group (measured 12 % quicker on 2 cores than two threads fighting
     the reducer); 0 (onnxruntime's default) on one core."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     return max(1, cpus - 1) if cpus > 1 else 0
 
 

@@ -245,6 +245,22 @@ class Graph:
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tp.tensor_type.shape.dim
         ]
 
+    def elements(self, name: str, unknown_dim: int | None = None) -> int | None:
+        """Number of elements of a tensor from its static shape; an unknown or symbolic dimension
+        counts as ``unknown_dim``, or makes the answer None when that is None (also None when the
+        shape itself is unknown and ``unknown_dim`` is None; 1 otherwise)."""
+        shape = self.shape(name)
+        if shape is None:
+            return None if unknown_dim is None else 1
+        total = 1
+        for d in shape:
+            if not isinstance(d, int) or d <= 0:
+                if unknown_dim is None:
+                    return None
+                d = unknown_dim
+            total *= d
+        return total
+
     def is_float(self, name: str) -> bool | None:
         """Whether a tensor holds real numbers (None when its type is unknown)."""
         et = self.elem_type(name)

@@ -31,6 +31,7 @@ __all__ = [
     "Session",
     "SessionFactory",
     "SessionOptions",
+    "available_cpus",
     "default_session_factory",
     "resolve_provider",
     "tap_model",
@@ -90,6 +91,14 @@ class SessionOptions:
             "allow_spinning": False,
             **self.extra,
         }
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def resolve_provider(name: str | None) -> str:

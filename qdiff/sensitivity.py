@@ -460,11 +460,11 @@ def _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int) -> int | None:
     items += [(o.float_tensor, False) for o in outputs]
     items += [(r.float_output, bool(iso_int.get(r.layer)) or r.output_dequant is not None) for r in regions]
     for name, integer in items:
-        shape = fg.shape(name)
-        if shape is None or any(not isinstance(d, int) or d <= 0 for d in shape):
+        elements = fg.elements(name)
+        if elements is None:
             return None
         # the float side, and the other side as int8 where it is read as integers
-        total += (4 + (1 if integer else 4)) * (int(np.prod(shape)) if shape else 1)
+        total += (4 + (1 if integer else 4)) * elements
     return total
 
 
