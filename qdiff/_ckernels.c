@@ -7,13 +7,16 @@
  *
  * A "row" is one sample of one tensor pair: n reference values r (float32 or float64) and n
  * candidate values c (float32, float64, or integers dequantized as DequantizeLinear does,
- * float((float)q - zero_point) * scale in float32). Each row is cut into chunks of `chunk`
- * elements; job j = row * n_chunks + chunk index. qd_chunks fills, per job:
+ * float((float)q - zero_point) * scale in float32). qd_metrics takes each row in two passes, so
+ * the second reads what the first left in cache:
  *
- *   parts[j] = (sum r^2, sum c^2, sum r*c, sum (r-c)^2, sum |r-c|, max |r-c|)   (float64)
- *   hist[j]  = bins counts of r, then bins counts of c, over the row's [lo, lo + bins / factor]
+ *   pass 1, per chunk j of `chunk` elements:
+ *     parts[j] = (sum r^2, sum c^2, sum r*c, sum (r-c)^2, sum |r-c|, max |r-c|)   (float64)
+ *     and the row's value range [lo, hi] of r and c (SSE2 min/max where the compiler has it)
+ *   pass 2, where every value is finite and the range has a normal width:
+ *     bins counts of r, then bins counts of c, over [lo, hi]
  *
- * and qd_finish adds the chunk partials of each row in chunk order and computes the metrics.
+ * then finish_row adds the chunk partials in chunk order and computes the row's metrics.
  * The sums use 4 independent lanes per accumulator, added in a fixed order at the end: no
  * reassociation is left to the compiler (no -ffast-math), so a chunk's sums are the same bit
  * for bit whichever thread computes it and whatever other rows share the call. Binning is
@@ -25,20 +28,88 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 enum { T_F32 = 0, T_F64 = 1, T_I8 = 2, T_U8 = 3, T_I16 = 4, T_U16 = 5 };
 
 static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
-    /* Only rows whose values are all finite and within [lo, hi] are binned (the caller's todo),
+    /* Only rows whose values are all finite and within [lo, hi] are binned (qd_metrics' pass 2),
      * so t is in [0, bins * (1 + 2^-52)]: the conversion is defined and truncation is floor. */
     int64_t k = (int64_t)((x - lo) * factor);
     return k > last ? last : k;
 }
 
-#define SUMS_BODY(LOAD_C)                                                                  \
-    double rr[4] = {0, 0, 0, 0}, cc[4] = {0, 0, 0, 0}, rc[4] = {0, 0, 0, 0};               \
-    double dd[4] = {0, 0, 0, 0}, sad[4] = {0, 0, 0, 0}, mx[4] = {0, 0, 0, 0};              \
-    int64_t i = 0;                                                                         \
+/* The 4-lane main loop. With SSE2 (every x86-64) lanes (0, 1) and (2, 3) are two __m128d and
+ * each lane does the scalar loop's operations in the same order (mul then add, no FMA; maxpd(a, b)
+ * is a > b ? a : b), so both loops give the same bits. */
+#if defined(__SSE2__)
+#define SUMS_MAIN(LOAD_C, LOAD_R4, LOAD_C4)                                                \
+    {                                                                                      \
+        const __m128d absmask = _mm_castsi128_pd(_mm_set1_epi64x(0x7fffffffffffffffLL));   \
+        __m128d rr0 = _mm_setzero_pd(), rr1 = rr0, cc0 = rr0, cc1 = rr0, rc0 = rr0;         \
+        __m128d rc1 = rr0, dd0 = rr0, dd1 = rr0, sa0 = rr0, sa1 = rr0, mx0 = rr0, mx1 = rr0; \
+        for (; i + 4 <= m; i += 4) {                                                       \
+            __m128d a0, a1, b0, b1;                                                        \
+            LOAD_R4(a0, a1);                                                               \
+            LOAD_C4(b0, b1);                                                               \
+            __m128d d0 = _mm_sub_pd(a0, b0), d1 = _mm_sub_pd(a1, b1);                      \
+            __m128d e0 = _mm_and_pd(d0, absmask), e1 = _mm_and_pd(d1, absmask);            \
+            rr0 = _mm_add_pd(rr0, _mm_mul_pd(a0, a0));                                     \
+            rr1 = _mm_add_pd(rr1, _mm_mul_pd(a1, a1));                                     \
+            cc0 = _mm_add_pd(cc0, _mm_mul_pd(b0, b0));                                     \
+            cc1 = _mm_add_pd(cc1, _mm_mul_pd(b1, b1));                                     \
+            rc0 = _mm_add_pd(rc0, _mm_mul_pd(a0, b0));                                     \
+            rc1 = _mm_add_pd(rc1, _mm_mul_pd(a1, b1));                                     \
+            dd0 = _mm_add_pd(dd0, _mm_mul_pd(d0, d0));                                     \
+            dd1 = _mm_add_pd(dd1, _mm_mul_pd(d1, d1));                                     \
+            sa0 = _mm_add_pd(sa0, e0);                                                     \
+            sa1 = _mm_add_pd(sa1, e1);                                                     \
+            mx0 = _mm_max_pd(e0, mx0);                                                     \
+            mx1 = _mm_max_pd(e1, mx1);                                                     \
+        }                                                                                  \
+        _mm_storeu_pd(rr, rr0); _mm_storeu_pd(rr + 2, rr1);                                \
+        _mm_storeu_pd(cc, cc0); _mm_storeu_pd(cc + 2, cc1);                                \
+        _mm_storeu_pd(rc, rc0); _mm_storeu_pd(rc + 2, rc1);                                \
+        _mm_storeu_pd(dd, dd0); _mm_storeu_pd(dd + 2, dd1);                                \
+        _mm_storeu_pd(sad, sa0); _mm_storeu_pd(sad + 2, sa1);                              \
+        _mm_storeu_pd(mx, mx0); _mm_storeu_pd(mx + 2, mx1);                                \
+    }
+#define R4_F32(a0, a1)                                                                     \
+    {                                                                                      \
+        __m128 v_ = _mm_loadu_ps((const float *)r + i);                                    \
+        a0 = _mm_cvtps_pd(v_);                                                             \
+        a1 = _mm_cvtps_pd(_mm_movehl_ps(v_, v_));                                          \
+    }
+#define R4_F64(a0, a1)                                                                     \
+    {                                                                                      \
+        a0 = _mm_loadu_pd((const double *)r + i);                                          \
+        a1 = _mm_loadu_pd((const double *)r + i + 2);                                      \
+    }
+#define C4_F32(b0, b1)                                                                     \
+    {                                                                                      \
+        __m128 w_ = _mm_loadu_ps((const float *)c + i);                                    \
+        b0 = _mm_cvtps_pd(w_);                                                             \
+        b1 = _mm_cvtps_pd(_mm_movehl_ps(w_, w_));                                          \
+    }
+#define C4_F64(b0, b1)                                                                     \
+    {                                                                                      \
+        b0 = _mm_loadu_pd((const double *)c + i);                                          \
+        b1 = _mm_loadu_pd((const double *)c + i + 2);                                      \
+    }
+#define C4_LUT(b0, b1)                                                                     \
+    {                                                                                      \
+        b0 = _mm_set_pd(lut[(uint8_t)c[i + 1]], lut[(uint8_t)c[i]]);                       \
+        b1 = _mm_set_pd(lut[(uint8_t)c[i + 3]], lut[(uint8_t)c[i + 2]]);                   \
+    }
+#define C4_DEQ(b0, b1)                                                                     \
+    {                                                                                      \
+        b0 = _mm_set_pd(LOAD_DEQ(i + 1), LOAD_DEQ(i));                                     \
+        b1 = _mm_set_pd(LOAD_DEQ(i + 3), LOAD_DEQ(i + 2));                                 \
+    }
+#else
+#define SUMS_MAIN(LOAD_C, LOAD_R4, LOAD_C4)                                                \
     for (; i + 4 <= m; i += 4) {                                                           \
         for (int l = 0; l < 4; l++) {                                                      \
             double a = (double)r[i + l];                                                   \
@@ -52,7 +123,14 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
             sad[l] += ad;                                                                  \
             mx[l] = ad > mx[l] ? ad : mx[l]; /* a NaN row has NaN sums: slow path */        \
         }                                                                                  \
-    }                                                                                      \
+    }
+#endif
+
+#define SUMS_BODY(LOAD_C, LOAD_R4, LOAD_C4)                                                \
+    double rr[4] = {0, 0, 0, 0}, cc[4] = {0, 0, 0, 0}, rc[4] = {0, 0, 0, 0};               \
+    double dd[4] = {0, 0, 0, 0}, sad[4] = {0, 0, 0, 0}, mx[4] = {0, 0, 0, 0};              \
+    int64_t i = 0;                                                                         \
+    SUMS_MAIN(LOAD_C, LOAD_R4, LOAD_C4)                                                    \
     for (; i < m; i++) {                                                                   \
         double a = (double)r[i];                                                           \
         double b = LOAD_C(i);                                                              \
@@ -79,12 +157,12 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
 #define LOAD_FLOAT(j) ((double)c[j])
 #define LOAD_DEQ(j) ((double)(((float)c[j] - zp) * scale))
 
-#define DEFINE_SUMS(NAME, RT, CT, LOAD)                                                    \
+#define DEFINE_SUMS(NAME, RT, CT, LOAD, R4, C4)                                            \
     static void NAME(const RT *r, const CT *c, int64_t m, float scale, float zp,           \
                      double *out) {                                                        \
         (void)scale;                                                                       \
         (void)zp;                                                                          \
-        SUMS_BODY(LOAD)                                                                    \
+        SUMS_BODY(LOAD, R4, C4)                                                            \
     }
 
 /* 8-bit codes: the dequantized value of each of the 256 codes, looked up (same value bit for bit) */
@@ -93,26 +171,23 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
 #define DEFINE_SUMS_LUT(NAME, CT)                                                          \
     static void NAME(const float *r, const CT *c, int64_t m, const double *lut,            \
                      double *out) {                                                        \
-        SUMS_BODY(LOAD_LUT)                                                                \
+        SUMS_BODY(LOAD_LUT, R4_F32, C4_LUT)                                                \
     }
 
-DEFINE_SUMS(sums_f32_f32, float, float, LOAD_FLOAT)
+DEFINE_SUMS(sums_f32_f32, float, float, LOAD_FLOAT, R4_F32, C4_F32)
 DEFINE_SUMS_LUT(sums_f32_i8_lut, int8_t)
 DEFINE_SUMS_LUT(sums_f32_u8_lut, uint8_t)
-DEFINE_SUMS(sums_f64_f64, double, double, LOAD_FLOAT)
-DEFINE_SUMS(sums_f32_i16, float, int16_t, LOAD_DEQ)
-DEFINE_SUMS(sums_f32_u16, float, uint16_t, LOAD_DEQ)
+DEFINE_SUMS(sums_f64_f64, double, double, LOAD_FLOAT, R4_F64, C4_F64)
+DEFINE_SUMS(sums_f32_i16, float, int16_t, LOAD_DEQ, R4_F32, C4_DEQ)
+DEFINE_SUMS(sums_f32_u16, float, uint16_t, LOAD_DEQ, R4_F32, C4_DEQ)
 
-/* four sub-histograms: runs of equal values (ReLU zeros) do not serialise on one counter */
+/* Sub-histograms in a caller's scratch of 4 * bins int32 (one call covers at most one chunk, so
+ * no counter can overflow): runs of equal values (ReLU zeros) do not serialise on one counter. */
 #define DEFINE_HIST(NAME, T)                                                               \
     static void NAME(const T *x, int64_t m, double lo, double factor, int64_t bins,        \
-                     int64_t *h) {                                                         \
+                     int32_t *sub, int64_t *h) {                                           \
         int64_t last = bins - 1;                                                           \
-        int32_t *sub = (int32_t *)calloc(4 * (size_t)bins, sizeof(int32_t));               \
-        if (!sub) {                                                                        \
-            for (int64_t i = 0; i < m; i++) h[bin_of((double)x[i], lo, factor, last)]++;   \
-            return;                                                                        \
-        }                                                                                  \
+        memset(sub, 0, 4 * (size_t)bins * sizeof(int32_t));                                \
         int64_t i = 0;                                                                     \
         for (; i + 4 <= m; i += 4) {                                                       \
             sub[bin_of((double)x[i], lo, factor, last)]++;                                 \
@@ -123,7 +198,6 @@ DEFINE_SUMS(sums_f32_u16, float, uint16_t, LOAD_DEQ)
         for (; i < m; i++) sub[bin_of((double)x[i], lo, factor, last)]++;                  \
         for (int64_t b = 0; b < bins; b++)                                                 \
             h[b] += (int64_t)sub[b] + sub[bins + b] + sub[2 * bins + b] + sub[3 * bins + b]; \
-        free(sub);                                                                         \
     }
 
 DEFINE_HIST(hist_f32, float)
@@ -140,163 +214,302 @@ DEFINE_HIST(hist_f64, double)
 DEFINE_HIST_DEQ(hist_i16, int16_t)
 DEFINE_HIST_DEQ(hist_u16, uint16_t)
 
-/* 8-bit codes: count the 256 codes, then bin each value once (the same bin as one by one) */
+/* 8-bit codes: count the 256 codes (4 interleaved counters, for runs of one code), then bin each
+ * code's value once (the same bin as one by one). m <= one chunk, so uint32 counts suffice. */
 static void hist_codes8(const uint8_t *x, int64_t m, int is_signed, float scale, float zp,
                         double lo, double factor, int64_t bins, int64_t *h) {
-    int64_t counts[256];
+    uint32_t counts[4][256];
     memset(counts, 0, sizeof(counts));
-    for (int64_t i = 0; i < m; i++) counts[x[i]]++;
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        counts[0][x[i]]++;
+        counts[1][x[i + 1]]++;
+        counts[2][x[i + 2]]++;
+        counts[3][x[i + 3]]++;
+    }
+    for (; i < m; i++) counts[0][x[i]]++;
     int64_t last = bins - 1;
     for (int v = 0; v < 256; v++) {
-        if (!counts[v]) continue;
+        int64_t cnt = (int64_t)counts[0][v] + counts[1][v] + counts[2][v] + counts[3][v];
+        if (!cnt) continue;
         float q = is_signed ? (float)(int8_t)(uint8_t)v : (float)v;
         double value = (double)((q - zp) * scale);
-        h[bin_of(value, lo, factor, last)] += counts[v];
+        h[bin_of(value, lo, factor, last)] += cnt;
     }
 }
 
-/* Fill parts/hist for jobs [job_lo, job_hi). Returns 0, or -1 for an unsupported type pair. */
-int qd_chunks(const void *r, int r_type, const void *c, int c_type, float scale, float zp,
-              int64_t k, int64_t n, int64_t chunk, int64_t bins, const double *lo,
-              const double *factor, const uint8_t *todo, int64_t job_lo, int64_t job_hi,
-              double *parts, int64_t *hist) {
-    (void)k;
-    int64_t n_chunks = (n + chunk - 1) / chunk;
+/* Range of a chunk, folded into *lo / *hi. Only rows whose values are all finite are binned, so
+ * how NaN compares here does not matter. */
+static void minmax_f32(const float *x, int64_t m, float *lo, float *hi) {
+    float a = *lo, b = *hi;
+    int64_t i = 0;
+#if defined(__SSE2__)
+    if (m >= 8) {
+        __m128 mn0 = _mm_loadu_ps(x), mx0 = mn0, mn1 = _mm_loadu_ps(x + 4), mx1 = mn1;
+        for (i = 8; i + 8 <= m; i += 8) {
+            __m128 v0 = _mm_loadu_ps(x + i), v1 = _mm_loadu_ps(x + i + 4);
+            mn0 = _mm_min_ps(mn0, v0);
+            mx0 = _mm_max_ps(mx0, v0);
+            mn1 = _mm_min_ps(mn1, v1);
+            mx1 = _mm_max_ps(mx1, v1);
+        }
+        float t[4], u[4];
+        _mm_storeu_ps(t, _mm_min_ps(mn0, mn1));
+        _mm_storeu_ps(u, _mm_max_ps(mx0, mx1));
+        for (int l = 0; l < 4; l++) {
+            a = t[l] < a ? t[l] : a;
+            b = u[l] > b ? u[l] : b;
+        }
+    }
+#endif
+    for (; i < m; i++) {
+        a = x[i] < a ? x[i] : a;
+        b = x[i] > b ? x[i] : b;
+    }
+    *lo = a;
+    *hi = b;
+}
+
+static void minmax_f64(const double *x, int64_t m, double *lo, double *hi) {
+    double a = *lo, b = *hi;
+    for (int64_t i = 0; i < m; i++) {
+        a = x[i] < a ? x[i] : a;
+        b = x[i] > b ? x[i] : b;
+    }
+    *lo = a;
+    *hi = b;
+}
+
+#define DEFINE_MINMAX_INT(NAME, T)                                                         \
+    static void NAME(const T *x, int64_t m, int32_t *lo, int32_t *hi) {                    \
+        T a = (T)*lo, b = (T)*hi;                                                          \
+        for (int64_t i = 0; i < m; i++) {                                                  \
+            a = x[i] < a ? x[i] : a;                                                       \
+            b = x[i] > b ? x[i] : b;                                                       \
+        }                                                                                  \
+        *lo = a;                                                                           \
+        *hi = b;                                                                           \
+    }
+
+DEFINE_MINMAX_INT(minmax_i8, int8_t)
+DEFINE_MINMAX_INT(minmax_u8, uint8_t)
+DEFINE_MINMAX_INT(minmax_i16, int16_t)
+DEFINE_MINMAX_INT(minmax_u16, uint16_t)
+
+/*
+ * One row's metrics from its chunk partials (added in chunk order) and, when binned, its two
+ * histograms, with the numpy path's formulas: o = (cosine, mse, mae, max_abs, sqnr_db, kl).
+ * Returns 0 where the row must take the careful path (non-finite or non-normal sums).
+ */
+static int finish_row(const double *parts, int64_t n_chunks, const int64_t *hist, int64_t n,
+                      int64_t bins, double tiny, double cap, double eps, double *p, double *o) {
+    double *q = p + bins;
+    double rr = 0, cc = 0, rc = 0, dd = 0, sad = 0, mx = 0;
+    int nan_max = 0;
+    for (int64_t j = 0; j < n_chunks; j++) {
+        const double *v = parts + j * 6;
+        rr += v[0];
+        cc += v[1];
+        rc += v[2];
+        dd += v[3];
+        sad += v[4];
+        if (v[5] != v[5]) nan_max = 1;
+        mx = v[5] > mx ? v[5] : mx;
+    }
+    double norm2 = rr * cc;
+    double vals[4] = {rr, cc, dd, norm2};
+    int normal = isfinite(rc) && isfinite(sad) && isfinite(mx) && !nan_max;
+    for (int v = 0; v < 4; v++)
+        if (!(vals[v] == 0.0 || (vals[v] >= tiny && isfinite(vals[v])))) normal = 0;
+    if (!normal) return 0;
+    double cosv, sqnr, kl = 0.0;
+    if (rr == 0.0 && cc == 0.0)
+        cosv = 1.0;
+    else if (rr == 0.0 || cc == 0.0)
+        cosv = 0.0;
+    else {
+        cosv = rc / sqrt(norm2);
+        cosv = cosv > 1.0 ? 1.0 : (cosv < -1.0 ? -1.0 : cosv);
+    }
+    if (dd == 0.0)
+        sqnr = cap;
+    else if (rr == 0.0)
+        sqnr = -cap;
+    else {
+        sqnr = 10.0 * (log10(rr) - log10(dd));
+        sqnr = sqnr > cap ? cap : (sqnr < -cap ? -cap : sqnr);
+    }
+    if (hist) {
+        double ps = 0.0, qs = 0.0;
+        for (int64_t b = 0; b < bins; b++) {
+            p[b] = (double)hist[b] / (double)n + eps;
+            q[b] = (double)hist[bins + b] / (double)n + eps;
+            ps += p[b];
+            qs += q[b];
+        }
+        for (int64_t b = 0; b < bins; b++) {
+            double pb = p[b] / ps, qb = q[b] / qs;
+            kl += pb * (log(pb) - log(qb));
+        }
+        kl = kl > 0.0 ? kl : 0.0;
+    }
+    o[0] = cosv;
+    o[1] = dd / (double)n;
+    o[2] = sad / (double)n;
+    o[3] = mx;
+    o[4] = sqnr;
+    o[5] = kl;
+    return 1;
+}
+
+/*
+ * Rows [row_lo, row_hi) of two [k, n] stacks: for each row, pass 1 over its chunks (the chunk
+ * sums, the row's value range of r and c), then pass 2 (only where every value is finite and the
+ * range has a normal width) bins r and c over [lo, hi], then the metrics. res[row] = (cosine,
+ * mse, mae, max_abs, sqnr_db, kl, good): good is 1.0, or 0.0 where the row must take the careful
+ * path (non-finite or non-normal sums, a range too narrow to bin). Integer candidates' range is
+ * the dequantized range of their codes (dequantization is monotonic: the caller passes integer
+ * codes only with scale > 0), computed as numpy would in float32.
+ * Returns 0, -1 for an unsupported type pair, -2 when scratch memory cannot be had.
+ */
+int qd_metrics(const void *r, int r_type, const void *c, int c_type, float scale, float zp,
+               int64_t n, int64_t chunk, int64_t bins, int64_t row_lo, int64_t row_hi, double tiny,
+               double cap, double eps, double *res) {
+    int f32 = r_type == T_F32;
+    if (!(f32 && (c_type == T_F32 || c_type == T_I8 || c_type == T_U8 || c_type == T_I16 ||
+                  c_type == T_U16)) &&
+        !(r_type == T_F64 && c_type == T_F64))
+        return -1;
     double lut[256];
     if (c_type == T_I8 || c_type == T_U8)
         for (int v = 0; v < 256; v++) {
             float q = c_type == T_I8 ? (float)(int8_t)(uint8_t)v : (float)v;
             lut[v] = (double)((q - zp) * scale);
         }
-    for (int64_t job = job_lo; job < job_hi; job++) {
-        int64_t row = job / n_chunks;
-        int64_t start = (job - row * n_chunks) * chunk;
-        int64_t stop = start + chunk < n ? start + chunk : n;
-        int64_t m = stop - start;
-        int64_t off = row * n + start;
-        double *out = parts + job * 6;
-        int64_t *hr = hist + job * 2 * bins;
-        int64_t *hc = hr + bins;
-        if (r_type == T_F32) {
-            const float *rp = (const float *)r + off;
-            switch (c_type) {
-            case T_F32: sums_f32_f32(rp, (const float *)c + off, m, scale, zp, out); break;
-            case T_I8: sums_f32_i8_lut(rp, (const int8_t *)c + off, m, lut, out); break;
-            case T_U8: sums_f32_u8_lut(rp, (const uint8_t *)c + off, m, lut, out); break;
-            case T_I16: sums_f32_i16(rp, (const int16_t *)c + off, m, scale, zp, out); break;
-            case T_U16: sums_f32_u16(rp, (const uint16_t *)c + off, m, scale, zp, out); break;
-            default: return -1;
-            }
-            if (todo[row]) hist_f32(rp, m, lo[row], factor[row], bins, hr);
-        } else if (r_type == T_F64 && c_type == T_F64) {
-            const double *rp = (const double *)r + off;
-            sums_f64_f64(rp, (const double *)c + off, m, scale, zp, out);
-            if (todo[row]) hist_f64(rp, m, lo[row], factor[row], bins, hr);
-        } else {
-            return -1;
-        }
-        if (!todo[row]) continue;
-        switch (c_type) {
-        case T_F32: hist_f32((const float *)c + off, m, lo[row], factor[row], bins, hc); break;
-        case T_F64: hist_f64((const double *)c + off, m, lo[row], factor[row], bins, hc); break;
-        case T_I8:
-            hist_codes8((const uint8_t *)((const int8_t *)c + off), m, 1, scale, zp, lo[row],
-                        factor[row], bins, hc);
-            break;
-        case T_U8:
-            hist_codes8((const uint8_t *)c + off, m, 0, scale, zp, lo[row], factor[row], bins, hc);
-            break;
-        case T_I16:
-            hist_i16((const int16_t *)c + off, m, scale, zp, lo[row], factor[row], bins, hc);
-            break;
-        case T_U16:
-            hist_u16((const uint16_t *)c + off, m, scale, zp, lo[row], factor[row], bins, hc);
-            break;
-        default: return -1;
-        }
-    }
-    return 0;
-}
-
-/*
- * Per row: chunk partials added in chunk order, then the metrics with the numpy path's formulas.
- * res[row] = (cosine, mse, mae, max_abs, sqnr_db, kl); ok[row] = 0 where the row must take the
- * careful path (non-finite or non-normal sums).
- */
-void qd_finish(const double *parts, const int64_t *hist, int64_t k, int64_t n, int64_t chunk,
-               int64_t bins, const uint8_t *todo, double tiny, double cap, double eps,
-               double *res, uint8_t *ok) {
     int64_t n_chunks = (n + chunk - 1) / chunk;
-    double *p = (double *)malloc(sizeof(double) * 2 * (size_t)bins);
-    double *q = p + bins;
-    for (int64_t row = 0; row < k; row++) {
-        double rr = 0, cc = 0, rc = 0, dd = 0, sad = 0, mx = 0;
-        int nan_max = 0;
+    /* scratch: chunk partials, the two histograms, the sub-histograms, the KL probabilities */
+    size_t n_parts = 6 * (size_t)(n_chunks > 0 ? n_chunks : 1);
+    char *scratch = (char *)malloc(n_parts * sizeof(double) + 2 * (size_t)bins * sizeof(int64_t) +
+                                   4 * (size_t)bins * sizeof(int32_t) + 2 * (size_t)bins * sizeof(double));
+    if (!scratch) return -2;
+    double *parts = (double *)scratch;
+    int64_t *hist = (int64_t *)(parts + n_parts);
+    double *probs = (double *)(hist + 2 * bins);
+    int32_t *sub = (int32_t *)(probs + 2 * bins);
+    for (int64_t row = row_lo; row < row_hi; row++) {
+        int64_t base = row * n;
+        float rlo32 = 0, rhi32 = 0, clo32 = 0, chi32 = 0;
+        double rlo64 = 0, rhi64 = 0, clo64 = 0, chi64 = 0;
+        int32_t clo_i = 0, chi_i = 0;
+        int finite = 1;
+        if (n > 0) {
+            if (f32) rlo32 = rhi32 = ((const float *)r)[base];
+            else rlo64 = rhi64 = ((const double *)r)[base];
+            switch (c_type) {
+            case T_F32: clo32 = chi32 = ((const float *)c)[base]; break;
+            case T_F64: clo64 = chi64 = ((const double *)c)[base]; break;
+            case T_I8: clo_i = chi_i = ((const int8_t *)c)[base]; break;
+            case T_U8: clo_i = chi_i = ((const uint8_t *)c)[base]; break;
+            case T_I16: clo_i = chi_i = ((const int16_t *)c)[base]; break;
+            case T_U16: clo_i = chi_i = ((const uint16_t *)c)[base]; break;
+            }
+        }
         for (int64_t j = 0; j < n_chunks; j++) {
-            const double *o = parts + (row * n_chunks + j) * 6;
-            rr += o[0];
-            cc += o[1];
-            rc += o[2];
-            dd += o[3];
-            sad += o[4];
-            if (o[5] != o[5]) nan_max = 1;
-            mx = o[5] > mx ? o[5] : mx;
-        }
-        double norm2 = rr * cc;
-        double vals[4] = {rr, cc, dd, norm2};
-        int normal = isfinite(rc) && isfinite(sad) && isfinite(mx) && !nan_max;
-        for (int v = 0; v < 4; v++)
-            if (!(vals[v] == 0.0 || (vals[v] >= tiny && isfinite(vals[v])))) normal = 0;
-        ok[row] = (uint8_t)normal;
-        if (!normal) continue;
-        double cosv, sqnr, kl = 0.0;
-        if (rr == 0.0 && cc == 0.0)
-            cosv = 1.0;
-        else if (rr == 0.0 || cc == 0.0)
-            cosv = 0.0;
-        else {
-            cosv = rc / sqrt(norm2);
-            cosv = cosv > 1.0 ? 1.0 : (cosv < -1.0 ? -1.0 : cosv);
-        }
-        if (dd == 0.0)
-            sqnr = cap;
-        else if (rr == 0.0)
-            sqnr = -cap;
-        else {
-            sqnr = 10.0 * (log10(rr) - log10(dd));
-            sqnr = sqnr > cap ? cap : (sqnr < -cap ? -cap : sqnr);
-        }
-        if (todo[row]) {
-            for (int64_t b = 0; b < bins; b++) p[b] = q[b] = 0.0;
-            for (int64_t j = 0; j < n_chunks; j++) {
-                const int64_t *h = hist + (row * n_chunks + j) * 2 * bins;
-                for (int64_t b = 0; b < bins; b++) {
-                    p[b] += (double)h[b];
-                    q[b] += (double)h[bins + b];
+            int64_t start = j * chunk;
+            int64_t m = start + chunk < n ? chunk : n - start;
+            int64_t off = base + start;
+            double *out = parts + j * 6;
+            if (f32) {
+                const float *rp = (const float *)r + off;
+                switch (c_type) {
+                case T_F32:
+                    sums_f32_f32(rp, (const float *)c + off, m, scale, zp, out);
+                    minmax_f32((const float *)c + off, m, &clo32, &chi32);
+                    break;
+                case T_I8:
+                    sums_f32_i8_lut(rp, (const int8_t *)c + off, m, lut, out);
+                    minmax_i8((const int8_t *)c + off, m, &clo_i, &chi_i);
+                    break;
+                case T_U8:
+                    sums_f32_u8_lut(rp, (const uint8_t *)c + off, m, lut, out);
+                    minmax_u8((const uint8_t *)c + off, m, &clo_i, &chi_i);
+                    break;
+                case T_I16:
+                    sums_f32_i16(rp, (const int16_t *)c + off, m, scale, zp, out);
+                    minmax_i16((const int16_t *)c + off, m, &clo_i, &chi_i);
+                    break;
+                case T_U16:
+                    sums_f32_u16(rp, (const uint16_t *)c + off, m, scale, zp, out);
+                    minmax_u16((const uint16_t *)c + off, m, &clo_i, &chi_i);
+                    break;
                 }
+                minmax_f32(rp, m, &rlo32, &rhi32);
+            } else {
+                const double *rp = (const double *)r + off;
+                sums_f64_f64(rp, (const double *)c + off, m, scale, zp, out);
+                minmax_f64(rp, m, &rlo64, &rhi64);
+                minmax_f64((const double *)c + off, m, &clo64, &chi64);
             }
-            double ps = 0.0, qs = 0.0;
-            for (int64_t b = 0; b < bins; b++) {
-                p[b] = p[b] / (double)n + eps;
-                q[b] = q[b] / (double)n + eps;
-                ps += p[b];
-                qs += q[b];
-            }
-            for (int64_t b = 0; b < bins; b++) {
-                double pb = p[b] / ps, qb = q[b] / qs;
-                kl += pb * (log(pb) - log(qb));
-            }
-            kl = kl > 0.0 ? kl : 0.0;
+            /* finite squares: every value of the chunk is finite (a NaN or Inf makes them NaN/Inf) */
+            if (!(isfinite(out[0]) && isfinite(out[1]))) finite = 0;
         }
-        double *o = res + row * 6;
-        o[0] = cosv;
-        o[1] = dd / (double)n;
-        o[2] = sad / (double)n;
-        o[3] = mx;
-        o[4] = sqnr;
-        o[5] = kl;
+        double lo, hi, c_lo, c_hi;
+        if (f32) {
+            lo = (double)rlo32;
+            hi = (double)rhi32;
+        } else {
+            lo = rlo64;
+            hi = rhi64;
+        }
+        switch (c_type) {
+        case T_F32: c_lo = (double)clo32; c_hi = (double)chi32; break;
+        case T_F64: c_lo = clo64; c_hi = chi64; break;
+        default:
+            c_lo = (double)(((float)clo_i - zp) * scale);
+            c_hi = (double)(((float)chi_i - zp) * scale);
+        }
+        lo = c_lo < lo ? c_lo : lo;
+        hi = c_hi > hi ? c_hi : hi;
+        int has_range = hi > lo;
+        double factor = has_range ? (double)bins / (hi - lo) : 0.0;
+        int todo = finite && n > 0 && has_range && isfinite(factor) && isfinite(lo) && isfinite(hi);
+        double *o = res + row * 7;
+        if (!todo) {
+            /* a row without a range is not binned (KL 0); one whose range is too narrow to bin,
+             * or with a non-finite value, takes the careful path */
+            o[6] = finish_row(parts, n_chunks, NULL, n, bins, tiny, cap, eps, probs, o) && !has_range;
+            continue;
+        }
+        int64_t *hr = hist;
+        int64_t *hc = hr + bins;
+        memset(hist, 0, 2 * (size_t)bins * sizeof(int64_t));
+        for (int64_t start = 0; start < n; start += chunk) {
+            int64_t m = start + chunk < n ? chunk : n - start;
+            int64_t off = base + start;
+            if (f32) hist_f32((const float *)r + off, m, lo, factor, bins, sub, hr);
+            else hist_f64((const double *)r + off, m, lo, factor, bins, sub, hr);
+            switch (c_type) {
+            case T_F32: hist_f32((const float *)c + off, m, lo, factor, bins, sub, hc); break;
+            case T_F64: hist_f64((const double *)c + off, m, lo, factor, bins, sub, hc); break;
+            case T_I8:
+                hist_codes8((const uint8_t *)((const int8_t *)c + off), m, 1, scale, zp, lo, factor,
+                            bins, hc);
+                break;
+            case T_U8:
+                hist_codes8((const uint8_t *)c + off, m, 0, scale, zp, lo, factor, bins, hc);
+                break;
+            case T_I16:
+                hist_i16((const int16_t *)c + off, m, scale, zp, lo, factor, bins, hc);
+                break;
+            case T_U16:
+                hist_u16((const uint16_t *)c + off, m, scale, zp, lo, factor, bins, hc);
+                break;
+            }
+        }
+        o[6] = finish_row(parts, n_chunks, hist, n, bins, tiny, cap, eps, probs, o);
     }
-    free(p);
+    free(scratch);
+    return 0;
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels",

@@ -6,9 +6,10 @@ more than the two models take to compute the tensors. The C extension ``qdiff._c
 (built from ``qdiff/_ckernels.c`` at install; see its header) reads the tapped arrays as they
 come out of onnxruntime (float32, or the integer output of a QuantizeLinear, dequantized on the
 fly exactly as DequantizeLinear does) and computes in one pass, per chunk of a row:
-Σr², Σc², Σrc, Σ(r-c)², Σ|r-c|, max|r-c| in float64 and the two ``KL_BINS``-bin histograms over
-the row's shared value range (found beforehand with numpy's SIMD min/max), with the binning
-formula of the numpy path. 8-bit candidates are histogrammed by counting their 256 codes.
+Σr², Σc², Σrc, Σ(r-c)², Σ|r-c|, max|r-c| in float64 and the row's value range; then, in a
+second pass over the row while it is still in cache, the two ``KL_BINS``-bin histograms over
+that shared range, with the binning formula of the numpy path. 8-bit candidates are
+histogrammed by counting their 256 codes.
 
 Each row is cut into fixed chunks of :data:`CHUNK` elements and the chunk partials are added in
 chunk order, so a row's values depend on that row alone: not on which rows share the call, how
@@ -17,8 +18,8 @@ cover (NaN/Inf, sums outside the normal float64 range, a subnormal value range) 
 :func:`qdiff.metrics.sample_metrics`, exactly as in the numpy path; the other values agree with
 the numpy path to float64 rounding (the summation order differs).
 
-The extension is loaded with ctypes, which releases the GIL during a call: large calls are split
-across two threads. Where the extension was not built, or with ``QDIFF_KERNELS=numpy`` in the
+The extension is loaded with ctypes, which releases the GIL during a call: large calls of several
+rows are split across two threads. Where the extension was not built, or with ``QDIFF_KERNELS=numpy`` in the
 environment, :func:`available` is False and callers use the numpy path.
 """
 
@@ -51,6 +52,8 @@ _TYPES = {
     np.dtype(np.int16): 4,
     np.dtype(np.uint16): 5,
 }
+
+_TINY = float(np.finfo(np.float64).tiny)
 
 _lock = threading.Lock()
 _lib: Any = None
@@ -89,10 +92,8 @@ def _load() -> Any:
             _reason = f"the C extension qdiff._ckernels could not be loaded ({exc})"
             return None
         p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
-        lib.qd_chunks.argtypes = [p, i32, p, i32, f32, f32, i64, i64, i64, i64, p, p, p, i64, i64, p, p]
-        lib.qd_chunks.restype = i32
-        lib.qd_finish.argtypes = [p, p, i64, i64, i64, i64, p, f64, f64, f64, p, p]
-        lib.qd_finish.restype = None
+        lib.qd_metrics.argtypes = [p, i32, p, i32, f32, f32, i64, i64, i64, i64, i64, f64, f64, f64, p]
+        lib.qd_metrics.restype = i32
         _lib = lib
         return _lib
 
@@ -111,12 +112,15 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def row_metrics(
-    refs: np.ndarray, cands: np.ndarray, dequant: DequantParams | None = None, bins: int = metrics.KL_BINS
+    refs: np.ndarray, cands: np.ndarray, dequant: DequantParams | None = None, bins: int = metrics.KL_BINS,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, list[int], list[metrics.SampleMetrics]] | None:
     """The metrics of each row of two ``[k, n]`` stacks (each row one sample), compiled.
 
     ``cands`` may hold the integer output of a QuantizeLinear with ``dequant`` its per-tensor scale
     and zero point (per-channel taps are dequantized by the caller, in their own layout).
+    ``threads``: 1 keeps the call on the calling thread (a pipeline worker); None splits calls
+    of several large rows over two threads where there are two cores.
 
     Returns:
         ``(values, slow_rows, slow_metrics)``: ``values[i]`` is ``(cosine, mse, mae, max_abs,
@@ -158,47 +162,21 @@ def row_metrics(
         r, c = r.astype(np.float64), c.astype(np.float64)
     r = np.ascontiguousarray(r)
     c = np.ascontiguousarray(c)
-    deq = c.dtype.kind in "iu"
-    # each row's shared value range (numpy's SIMD min/max; for integer taps the dequantized range
-    # of the codes, dequantization being monotonic for a positive scale)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        c_lo, c_hi = c.min(axis=1), c.max(axis=1)
-        if deq:
-            c_lo, c_hi = (c_lo.astype(np.float32) - zp) * scale, (c_hi.astype(np.float32) - zp) * scale
-        lo = np.minimum(r.min(axis=1).astype(np.float64), c_lo)
-        hi = np.maximum(r.max(axis=1).astype(np.float64), c_hi)
-        has_range = hi > lo
-        factor = bins / (hi - lo)
-        # binned only where every value is finite (a NaN or Inf makes lo or hi non-finite): the
-        # C binning relies on it
-        todo = has_range & np.isfinite(factor) & np.isfinite(lo) & np.isfinite(hi)
-    lo = np.ascontiguousarray(np.where(todo, lo, 0.0))
-    factor = np.ascontiguousarray(np.where(todo, factor, 0.0))
-    todo_u8 = todo.astype(np.uint8)
-    n_chunks = (n + CHUNK - 1) // CHUNK
-    jobs = k * n_chunks
-    parts = np.empty((jobs, 6))
-    hist = np.zeros((jobs, 2, bins), dtype=np.int64)
-    head = (_ptr(r), _TYPES[r.dtype], _ptr(c), _TYPES[c.dtype], scale, zp, k, n, CHUNK, bins)
-    tail = (_ptr(lo), _ptr(factor), _ptr(todo_u8))
-    if k * n >= _THREADED_MIN and jobs > 1 and available_cpus() > 1:
-        half = jobs // 2
-        pending = _threads().submit(lib.qd_chunks, *head, *tail, half, jobs, _ptr(parts), _ptr(hist))
-        rc1 = lib.qd_chunks(*head, *tail, 0, half, _ptr(parts), _ptr(hist))
+    res = np.empty((k, 7))
+    head = (_ptr(r), _TYPES[r.dtype], _ptr(c), _TYPES[c.dtype], scale, zp, n, CHUNK, bins)
+    tail = (_TINY, metrics.SQNR_CAP_DB, metrics.EPS, _ptr(res))
+    if threads != 1 and k > 1 and k * n >= _THREADED_MIN and available_cpus() > 1:
+        half = k // 2
+        pending = _threads().submit(lib.qd_metrics, *head, half, k, *tail)
+        rc1 = lib.qd_metrics(*head, 0, half, *tail)
         rc2 = pending.result()
     else:
-        rc1 = lib.qd_chunks(*head, *tail, 0, jobs, _ptr(parts), _ptr(hist))
-        rc2 = 0
+        rc1, rc2 = lib.qd_metrics(*head, 0, k, *tail), 0
     if rc1 or rc2:  # pragma: no cover - the type table above only passes supported pairs
+        if -2 in (rc1, rc2):
+            raise MemoryError("the compiled kernels could not allocate their scratch")
         raise RuntimeError(f"unsupported dtypes {r.dtype}/{c.dtype} for the compiled kernels")
-    res = np.empty((k, 6))
-    ok = np.empty(k, dtype=np.uint8)
-    tiny = float(np.finfo(np.float64).tiny)
-    lib.qd_finish(
-        _ptr(parts), _ptr(hist), k, n, CHUNK, bins, _ptr(todo_u8), tiny, metrics.SQNR_CAP_DB, metrics.EPS,
-        _ptr(res), _ptr(ok),
-    )
-    # a range too narrow to bin (subnormal width) takes the careful path, as in numpy
-    good = ok.astype(bool) & (todo | ~has_range)
-    slow_rows = np.flatnonzero(~good).tolist()
+    good = res[:, 6]
+    slow_rows = [] if good.all() else np.flatnonzero(good == 0).tolist()
+    res = res[:, :6]
     return res, slow_rows, [careful(i) for i in slow_rows]

@@ -29,7 +29,7 @@ import onnx
 import pandas as pd
 from onnx import numpy_helper
 
-from qdiff import _kernels, metrics
+from qdiff import _kernels, metrics, pipeline
 from qdiff.errors import QdiffError, UsageError
 from qdiff.fused import FusedUnavailable, build_fused
 from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, byte_size, external_dir, load_model
@@ -172,6 +172,7 @@ def compare(
     meta["engine"] = engine_used
     meta["metrics_kernel"] = m.kernel
     meta["integer_taps"] = m.integer_taps
+    meta["pipeline_workers"] = m.pipeline_workers
     meta["workers"] = workers
     meta["warnings"] = warnings
     if len(matching.skipped):
@@ -317,6 +318,7 @@ class _Measured:
     digests: dict[int, str] | None = None
     kernel: str = "numpy"
     integer_taps: int = 0
+    pipeline_workers: int = 1
 
     def merge(self, other: _Measured) -> _Measured:
         return _Measured(
@@ -334,13 +336,70 @@ class _Measured:
             {**(self.digests or {}), **(other.digests or {})},
             self.kernel if self.kernel == other.kernel else f"{self.kernel}+{other.kernel}",
             max(self.integer_taps, other.integer_taps),
+            max(self.pipeline_workers, other.pipeline_workers),
         )
 
 
+class _Folds:
+    """What folding steps accumulates: one per worker thread, merged exactly at the end."""
+
+    def __init__(self, n_pairs: int, n_outputs: int, compiled: bool, kernel_threads: int | None = None):
+        self.accs = [metrics.TensorAccumulator() for _ in range(n_pairs)]
+        self.out_accs = [metrics.TensorAccumulator() for _ in range(n_outputs)]
+        self.top1 = [metrics.Top1Accumulator() for _ in range(n_outputs)]
+        self.shapes: dict[int, list[int]] = {}
+        self.broken: dict[int, str] = {}
+        self.folder = RowFolder(compiled, threads=kernel_threads)
+
+    def take(self, key: int, value: Any) -> None:
+        if isinstance(value, list):  # runs of different sizes in one group: one at a time
+            for v in value:
+                if key not in self.broken:
+                    self.take(key, v)
+            return
+        if isinstance(value, str):
+            self.broken[key] = value
+            return
+        acc = self.accs[key] if key >= 0 else self.out_accs[-1 - key]
+        if isinstance(value, _Computed):
+            if value.shape is not None:
+                self.shapes[key] = value.shape
+            acc.add(value.metrics)
+            return
+        shape, refs, cands, dq = value
+        if shape is not None:
+            self.shapes[key] = shape
+        self.folder.add(key, acc, refs, cands, dq)
+
+    def fold(self, step: _Step) -> None:
+        for key, value in step.results.items():
+            if key not in self.broken:
+                self.take(key, value)
+        for k, (rows, agree) in step.top1.items():
+            self.top1[k].rows += rows
+            self.top1[k].agree += agree
+
+    def merge(self, other: _Folds) -> _Folds:
+        self.folder.flush()
+        other.folder.flush()
+        out = _Folds(0, 0, self.folder.compiled)
+        out.accs = [a.merge(b) for a, b in zip(self.accs, other.accs)]
+        out.out_accs = [a.merge(b) for a, b in zip(self.out_accs, other.out_accs)]
+        out.top1 = [a.merge(b) for a, b in zip(self.top1, other.top1)]
+        out.shapes = {**other.shapes, **self.shapes}
+        out.broken = {**other.broken, **self.broken}
+        return out
+
+
 def _measure(
-    factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None, qg=None
+    factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None, qg=None, cpus=None
 ) -> _Measured:
-    """One pass over ``source``: run both models per group of runs, fold every pair into its accumulator."""
+    """One pass over ``source``: run both models per group of runs, fold every pair into its accumulator.
+
+    The first group runs alone (it settles batching, the fused-graph taps and the deployed-model
+    check); the others go to :func:`qdiff.pipeline.run_groups` workers, each folding into its own
+    :class:`_Folds` (one worker for the fused engine, whose runs reduce inside onnxruntime).
+    """
     notes: list[str] = []
     engine_used = "numpy"
     eng: _Engine | None = None
@@ -357,101 +416,89 @@ def _measure(
     if eng is None:
         eng = _NumpyEngine(factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg)
         notes += eng.notes
-    accs = [metrics.TensorAccumulator() for _ in pairs]
-    out_accs = [metrics.TensorAccumulator() for _ in outputs]
-    top1 = [metrics.Top1Accumulator() for _ in outputs]
-    shapes: dict[int, list[int]] = {}
-    broken: dict[int, str] = {}
+    first_fold = _Folds(len(pairs), len(outputs), compiled)
     deployed_diff: float | None = None
     run_seconds = 0.0
-    folder = RowFolder(compiled)
     done = 0
 
-    def take(key: int, value: Any) -> None:
-        if isinstance(value, list):  # runs of different sizes in one group: one at a time
-            for v in value:
-                if key not in broken:
-                    take(key, v)
-            return
-        if isinstance(value, str):
-            broken[key] = value
-            return
-        acc = accs[key] if key >= 0 else out_accs[-1 - key]
-        if isinstance(value, _Computed):
-            if value.shape is not None:
-                shapes[key] = value.shape
-            acc.add(value.metrics)
-            return
-        shape, refs, cands, dq = value
-        if shape is not None:
-            shapes[key] = shape
-        folder.add(key, acc, refs, cands, dq)
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, source.count)
 
-    def fold(step: _Step) -> None:
-        for key, value in step.results.items():
-            if key not in broken:
-                take(key, value)
-        for k, (rows, agree) in step.top1.items():
-            top1[k].rows += rows
-            top1[k].agree += agree
-
-    # runs are grouped by global index (run i in group i // K), so shards hold whole groups and
-    # every group is computed the same way however the runs were sharded
-    source.group = eng.runs_per_group
-    # the reduction of a group (compiled kernels and onnxruntime both release the GIL) overlaps
-    # the next group's inference; groups are folded one at a time, in order
-    from concurrent.futures import ThreadPoolExecutor
-
-    reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-fold") if compiled else None
-    folding: Any = None
-    group: list[dict[str, np.ndarray]] = []
-    first = True
-
-    def run(group: list) -> None:
-        nonlocal eng, engine_used, run_seconds, deployed_diff, first, done, folding
+    def run_first(group: list) -> None:
+        nonlocal eng, engine_used, run_seconds, deployed_diff
         t0 = time.perf_counter()
         steps, eng, engine_used = _run_group(
-            eng, group, first, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
+            eng, group, True, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
         )
         qouts: list = [None] * len(outputs)
         feed0 = None
         for step in steps:  # an iterator with --max-memory groups: fetched as they are folded
             run_seconds += time.perf_counter() - t0
-            if first:
-                feed0 = step.feed if feed0 is None else feed0
-                for k, v in enumerate(step.quant_outputs or []):
-                    qouts[k] = v if v is not None else qouts[k]
-            if folding is not None:
-                folding.result()
-            folding = reducer.submit(fold, step) if reducer is not None else fold(step)
+            feed0 = step.feed if feed0 is None else feed0
+            for k, v in enumerate(step.quant_outputs or []):
+                qouts[k] = v if v is not None else qouts[k]
+            first_fold.fold(step)
             t0 = time.perf_counter()
-        if first and outputs and all(v is not None for v in qouts):
+        if outputs and all(v is not None for v in qouts):
             deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, feed0, len(group))
-        first = False
-        done += len(group)
-        if progress is not None:
-            progress(done, source.count)
+        report(len(group))
 
-    try:
-        for batch in source:
-            group.append(batch)
-            if len(group) == eng.runs_per_group:
-                run(group)
-                group = []
-        if group:
-            run(group)
-        if folding is not None:
-            folding.result()
-    finally:
-        if reducer is not None:
-            reducer.shutdown(wait=True, cancel_futures=True)
-    folder.flush()
+    def run_next(group: list, fold: _Folds) -> None:
+        nonlocal eng, engine_used, run_seconds
+        t0 = time.perf_counter()
+        if parallel:
+            steps = eng.run_group(group, False)
+        else:  # the fused engine may fall back to numpy
+            steps, eng, engine_used = _run_group(
+                eng, group, False, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
+            )
+        for step in steps:
+            run_seconds += time.perf_counter() - t0  # summed over the workers
+            fold.fold(step)
+            t0 = time.perf_counter()
+
+    # runs are grouped by global index (run i in group i // K), so shards hold whole groups and
+    # every group is computed the same way however the runs were sharded
+    source.group = eng.runs_per_group
+    batches = iter(source)
+    group = [b for _, b in zip(range(eng.runs_per_group), batches)]
+    folds = [first_fold]
+    parallel = False
+    if group:
+        run_first(group)
+        n_workers = pipeline.workers(cpus)
+        parallel = isinstance(eng, _NumpyEngine) and n_workers > 1
+        if parallel:
+            folds += [_Folds(len(pairs), len(outputs), compiled, kernel_threads=1) for _ in range(n_workers - 1)]
+            first_fold.folder.threads = 1
+        pipeline.run_groups(_groups_of(batches, eng.runs_per_group), run_next, folds, report)
+    merged = folds[0]
+    for other in folds[1:]:
+        merged = merged.merge(other)
+    merged.folder.flush()
     notes += [n for n in eng.notes if n not in notes]
     return _Measured(
-        accs, out_accs, top1, shapes, broken, notes, deployed_diff, run_seconds, engine_used,
-        source.batches, source.samples, dict(source.digests), "c" if compiled and engine_used != "fused" else "numpy",
+        merged.accs, merged.out_accs, merged.top1, merged.shapes, merged.broken, notes, deployed_diff, run_seconds,
+        engine_used, source.batches, source.samples, dict(source.digests),
+        "c" if compiled and engine_used != "fused" else "numpy",
         sum(1 for k, t in getattr(eng, "tap_pairs", {}).items() if k >= 0 and t is not pairs[k]),
+        len(folds),
     )  # fmt: skip
+
+
+def _groups_of(items: Iterable, size: int) -> Iterable[list]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    group: list = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _run_group(eng, group, first, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled):
@@ -482,10 +529,12 @@ def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: i
     return max(_finite_max_diff(_real(d, o), _real(tapped[k], o)) for k, (d, o) in enumerate(zip(deployed, outputs)))
 
 
-def _reduce_rows(acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq, compiled: bool) -> None:
+def _reduce_rows(
+    acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq, compiled: bool, threads: int | None = None
+) -> None:
     """Fold the samples of one pair (one per row of ``refs``/``cands``) into ``acc``."""
     if compiled:
-        got = _kernels.row_metrics(refs, cands, dq)
+        got = _kernels.row_metrics(refs, cands, dq, threads=threads)
         if got is not None:
             values, slow_rows, slow = got
             if slow_rows:
@@ -515,7 +564,8 @@ def _portable(model: ModelLike) -> Any:
 
 def _shard_worker(payload: tuple) -> _Measured:
     """Run one shard in a worker process (module-level so it pickles)."""
-    f_model, q_model, data, tensor_map, shard, engine, provider, threads, source_kwargs, max_memory = payload
+    f_model, q_model, data, tensor_map, shard, engine, provider, cpus, source_kwargs, max_memory = payload
+    cpus = cpus or None  # 0: every core of the machine the shard runs on
     if isinstance(f_model, bytes):
         f_model = onnx.load_from_string(f_model)
     if isinstance(q_model, bytes):
@@ -524,11 +574,12 @@ def _shard_worker(payload: tuple) -> _Measured:
     q_loaded = load_model(q_model, role="quantized model")
     fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
     matching = match_models(fg, qg, tensor_map)
-    factory = default_session_factory(SessionOptions(provider=provider, intra_op_threads=threads))
+    factory = default_session_factory(SessionOptions(provider=provider, intra_op_threads=pipeline.session_threads(cpus)))
     source = make_source(data, input_specs(fg), shard=shard, **source_kwargs)
     return _measure(
-        factory, f_loaded, q_loaded, fg, list(matching.pairs), list(matching.outputs), source, engine, None, max_memory, qg
-    )
+        factory, f_loaded, q_loaded, fg, list(matching.pairs), list(matching.outputs), source, engine, None, max_memory,
+        qg, cpus,
+    )  # fmt: skip
 
 
 def _measure_sharded(
@@ -546,11 +597,11 @@ def _measure_sharded(
     if executor is not None and not callable(getattr(executor, "map", None)):
         raise UsageError(f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}")
     # local processes share this machine's cores; an executor's workers use their own machines'
-    threads = max(1, (os.cpu_count() or 1) // workers) if executor is None else 0
+    cpus = max(1, available_cpus() // workers) if executor is None else 0
     payloads = [
         (
             _portable(float_model), _portable(quant_model), data, tensor_map, (k, workers), engine, options.provider,
-            threads, source_kwargs, max_memory,
+            cpus, source_kwargs, max_memory,
         )
         for k in range(workers)
     ]
@@ -567,7 +618,7 @@ def _measure_sharded(
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             collect(pool.map(_shard_worker, payloads))
-        where = f"{workers} worker processes ({threads} thread(s) each)"
+        where = f"{workers} worker processes ({cpus} core(s) each)"
     else:
         try:
             collect(executor.map(_shard_worker, payloads))
@@ -614,7 +665,10 @@ class _Engine:
 
 
 #: the tapped tensors of one group of runs stay within this many bytes (static estimate); groups
-#: are what onnxruntime runs at once when the models' batch axis allows it
+#: are what onnxruntime runs at once when the models' batch axis allows it, and each pipeline
+#: worker holds one. Measured on the 50-conv CNN (512 samples, 2 workers): 3/6/9/12/18 MiB
+#: groups took 5.5/4.3/3.4/3.0/2.9 s with peaks of 172/179/193/199/225 MB (per-group overhead
+#: against memory)
 _GROUP_BYTES = 12 << 20
 _GROUP_MAX_RUNS = 64
 #: runs of the first group that are also run alone to check that batching changes nothing
@@ -1102,15 +1156,16 @@ class RowFolder:
 
     def __init__(
         self, compiled: bool, max_bytes: int = _ROWS_BUFFER_BYTES, max_rows: int = _ROWS_MAX,
-        immediate_elements: int | None = _ROWS_MAX_ELEMENTS,
+        immediate_elements: int | None = _ROWS_MAX_ELEMENTS, threads: int | None = None,
     ):  # fmt: skip
         self.compiled, self.max_bytes, self.max_rows, self.immediate = compiled, max_bytes, max_rows, immediate_elements
+        self.threads = threads  # kernel threads per call (None: the kernels' default, 1 in a worker thread)
         self._buffers: dict[Any, tuple[metrics.TensorAccumulator, list]] = {}
 
     def add(self, key: Any, acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq=None) -> None:
         """Fold the rows of ``refs``/``cands`` (``[k, n]``, one sample per row) into ``acc``."""
         if self.immediate is not None and refs.shape[1] > self.immediate:
-            _reduce_rows(acc, refs, cands, dq, self.compiled)
+            _reduce_rows(acc, refs, cands, dq, self.compiled, self.threads)
             return
         _, buf = self._buffers.setdefault(key, (acc, []))
         if buf and (buf[0][0].shape[1] != refs.shape[1] or buf[0][2] is not dq):
@@ -1130,7 +1185,7 @@ class RowFolder:
             return
         refs = np.concatenate([r for r, _, _ in buf]) if len(buf) > 1 else buf[0][0]
         cands = np.concatenate([c for _, c, _ in buf]) if len(buf) > 1 else buf[0][1]
-        _reduce_rows(acc, refs, cands, buf[0][2], self.compiled)
+        _reduce_rows(acc, refs, cands, buf[0][2], self.compiled, self.threads)
         buf.clear()
 
 
@@ -1216,11 +1271,9 @@ def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, ses
 
 
 def _inference_threads() -> int:
-    """onnxruntime threads per session: all cores but one, which the reducer thread uses while
-    onnxruntime runs the next group (measured 12 % quicker on 2 cores than two threads fighting
-    the reducer); 0 (onnxruntime's default) on one core."""
-    cpus = available_cpus()
-    return max(1, cpus - 1) if cpus > 1 else 0
+    """onnxruntime threads per session: the cores shared among the pipeline's workers
+    (:func:`qdiff.pipeline.session_threads`)."""
+    return pipeline.session_threads()
 
 
 def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:

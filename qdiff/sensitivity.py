@@ -29,7 +29,6 @@ import os
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,17 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from qdiff import _kernels, metrics
-from qdiff.compare import Batcher, RowFolder, _integer_tap, _meta, integer_source, load_pair, load_tensor_map
+from qdiff import _kernels, metrics, pipeline
+from qdiff.compare import (
+    Batcher,
+    RowFolder,
+    _groups_of,
+    _integer_tap,
+    _meta,
+    integer_source,
+    load_pair,
+    load_tensor_map,
+)
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
@@ -217,8 +225,6 @@ def sensitivity(
     f_taps = list(dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs]))
     q_taps = list(dict.fromkeys([tapped[p.layer].quant_tensor for p in pairs] + [o.quant_tensor for o in outputs]))
     shadow_taps = list(dict.fromkeys(f_taps + list(iso_read.values())))
-    acc = {p.layer: metrics.TensorAccumulator() for p in pairs}
-    iso = {r.layer: metrics.TensorAccumulator() for r in regions}
     # runs batched where that changes nothing (see compare.Batcher); samples buffered per layer
     # (up to 128 KiB each) and reduced many at a time
     per_run = _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int)
@@ -228,58 +234,68 @@ def sensitivity(
         per_run,
     )
     first_source.group = batcher.runs_per_group
-    folder = RowFolder(_kernels.available(), max_bytes=1 << 17, immediate_elements=None)
-    done = 0
+    compiled = _kernels.available()
+
+    class Folds:
+        """One worker's accumulators (merged exactly at the end, see qdiff.pipeline)."""
+
+        def __init__(self, kernel_threads: int | None = None):
+            self.acc = {p.layer: metrics.TensorAccumulator() for p in pairs}
+            self.iso = {r.layer: metrics.TensorAccumulator() for r in regions}
+            self.folder = RowFolder(compiled, max_bytes=1 << 17, immediate_elements=None, threads=kernel_threads)
+
+        def fold(self, s_vals: dict, q_vals: dict, runs: int) -> None:
+            for p in pairs:
+                t = tapped[p.layer]
+                got = rows(s_vals[p.float_tensor], q_vals[t.quant_tensor], t.dequant, runs)
+                if got is not None:
+                    self.folder.add(("accumulated", p.layer), self.acc[p.layer], *got)
+            for r in regions:
+                dq = r.output_dequant or (iso_int[r.layer][1] if iso_int.get(r.layer) else None)
+                got = rows(s_vals[r.float_output], s_vals[iso_read[r.layer]], dq, runs)
+                if got is not None:
+                    self.folder.add(("isolated", r.layer), self.iso[r.layer], *got)
 
     def rows(ref, raw, dq: DequantParams | None, runs: int):
         ref, raw = np.asarray(ref), np.asarray(raw)
         if ref.size != raw.size:
             return None
-        if dq is not None and raw.dtype.kind in "iu" and (dq.per_channel or not folder.compiled):
+        if dq is not None and raw.dtype.kind in "iu" and (dq.per_channel or not compiled):
             raw, dq = dq.dequantize(raw), None  # per-channel: in the tensor's own layout
         return ref.reshape(runs, -1), raw.reshape(runs, -1), dq if raw.dtype.kind in "iu" else None
 
-    def fold(s_vals: dict, q_vals: dict, runs: int) -> None:
-        for p in pairs:
-            t = tapped[p.layer]
-            got = rows(s_vals[p.float_tensor], q_vals[t.quant_tensor], t.dequant, runs)
-            if got is not None:
-                folder.add(("accumulated", p.layer), acc[p.layer], *got)
-        for r in regions:
-            dq = r.output_dequant or (iso_int[r.layer][1] if iso_int.get(r.layer) else None)
-            got = rows(s_vals[r.float_output], s_vals[iso_read[r.layer]], dq, runs)
-            if got is not None:
-                folder.add(("isolated", r.layer), iso[r.layer], *got)
-
-    # a part is folded in a second thread while onnxruntime runs the next (both release the GIL)
-    reducer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-fold")
-    folding: list = []
-
-    def measure(group: list, first: bool) -> None:
+    def measure(group: list, first: bool, folds: Folds) -> None:
         for (s_vals, q_vals), runs, _ in batcher.parts(group, first, [shadow_taps, q_taps]):
-            if folding:
-                folding.pop().result()
-            folding.append(reducer.submit(fold, s_vals, q_vals, runs))
+            folds.fold(s_vals, q_vals, runs)
 
-    group: list = []
-    first = True
-    try:
-        for batch in first_source:
-            group.append(batch)
-            if len(group) == batcher.runs_per_group:
-                measure(group, first)
-                done, group, first = done + len(group), [], False
-                if progress is not None:
-                    progress("isolated", done, first_source.count)
-        if group:
-            measure(group, first)
-            if progress is not None:
-                progress("isolated", done + len(group), first_source.count)
-        if folding:
-            folding.pop().result()
-    finally:
-        reducer.shutdown(wait=True, cancel_futures=True)
-    folder.flush()
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress("isolated", done, first_source.count)
+
+    # the first group settles batching alone; the others go to the pipeline's workers, each
+    # running both models on a group and reducing it into its own accumulators
+    batches = iter(first_source)
+    first_group = [b for _, b in zip(range(batcher.runs_per_group), batches)]
+    workers = [Folds()]
+    if first_group:
+        measure(first_group, True, workers[0])
+        report(len(first_group))
+        n_workers = pipeline.workers()
+        if n_workers > 1:
+            workers[0].folder.threads = 1
+            workers += [Folds(kernel_threads=1) for _ in range(n_workers - 1)]
+        groups = _groups_of(batches, batcher.runs_per_group)
+        pipeline.run_groups(groups, lambda group, folds: measure(group, False, folds), workers, report)
+    for w in workers:
+        w.folder.flush()
+    acc, iso = workers[0].acc, workers[0].iso
+    for w in workers[1:]:
+        acc = {k: a.merge(w.acc[k]) for k, a in acc.items()}
+        iso = {k: a.merge(w.iso[k]) for k, a in iso.items()}
     notes = list(batcher.notes)
     batcher = None  # the sessions go before the edited models load
     if first_source.batches == 0:

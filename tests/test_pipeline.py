@@ -1,0 +1,99 @@
+"""The worker pipeline: groups of runs run and reduced by several threads, results unchanged."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qdiff
+from qdiff import pipeline
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
+
+def test_worker_and_thread_counts():
+    assert [pipeline.workers(c) for c in (1, 2, 3, 8, 64)] == [1, 2, 3, 4, 4]
+    assert [pipeline.session_threads(c) for c in (1, 2, 3, 8, 64)] == [0, 1, 1, 2, 16]
+
+
+def test_run_groups_gives_each_group_once_and_never_shares_a_state():
+    states = [{"busy": False, "seen": []} for _ in range(3)]
+    done: list[int] = []
+    clash: list[str] = []
+
+    def work(group, state):
+        if state["busy"]:
+            clash.append("a state was used by two threads at once")
+        state["busy"] = True
+        time.sleep(0.001 * (group[0] % 3))
+        state["seen"].extend(group)
+        state["busy"] = False
+
+    groups = [[i, i + 100] for i in range(40)] + [[999]]
+    pipeline.run_groups(iter(groups), work, states, done.append)
+    seen = sorted(x for s in states for x in s["seen"])
+    assert seen == sorted(x for g in groups for x in g)
+    assert not clash
+    assert sorted(done) == sorted(len(g) for g in groups)
+    assert sum(1 for s in states if s["seen"]) > 1  # the work really was spread
+
+
+def test_run_groups_raises_the_first_failure_and_stops_taking_groups():
+    taken: list[int] = []
+
+    def groups():
+        for i in range(1000):
+            taken.append(i)
+            yield [i]
+
+    def work(group, state):
+        if group[0] == 3:
+            raise ValueError("bad sample 3")
+
+    with pytest.raises(ValueError, match="bad sample 3"):
+        pipeline.run_groups(groups(), work, [object(), object()])
+    assert len(taken) < 50  # groups are taken a few ahead of the work, not all at once
+
+
+def test_run_groups_is_lazy():
+    """At most two groups per worker are taken ahead of the work (a lazy folder stays lazy)."""
+    gate = threading.Event()
+    taken: list[int] = []
+
+    def groups():
+        for i in range(20):
+            taken.append(i)
+            yield [i]
+
+    def work(group, state):
+        gate.wait(5)
+
+    t = threading.Thread(target=pipeline.run_groups, args=(groups(), work, [1, 2]))
+    t.start()
+    time.sleep(0.2)
+    ahead = len(taken)
+    gate.set()
+    t.join(10)
+    assert ahead <= 2 * 2 + 1
+    assert len(taken) == 20
+
+
+@pytest.mark.parametrize("quant", ["digits_cnn.qdq_per_channel.onnx", "digits_cnn.qoperator.onnx", "digits_cnn.dynamic.onnx"])
+def test_compare_is_the_same_with_any_number_of_workers(monkeypatch, quant):
+    """Accumulators merge exactly: 1, 2 or 3 workers give the very same tables (batched runs,
+    QOperator integer taps, and the dynamic model that is run one sample at a time)."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / quant)
+    results = []
+    for n in (1, 2, 3):
+        monkeypatch.setattr(pipeline, "workers", lambda cpus=None, n=n: n)
+        results.append(qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=200))
+    one = results[0]
+    assert one.meta["samples"] == 200
+    assert [r.meta["pipeline_workers"] for r in results] == [1, 2, 3]
+    for other in results[1:]:
+        assert one.layers.equals(other.layers) and one.outputs.equals(other.outputs)
+    assert np.isfinite(one.layers["cosine"]).all() and len(one.layers) >= 7
