@@ -512,6 +512,23 @@ int qd_metrics(const void *r, int r_type, const void *c, int c_type, float scale
     return 0;
 }
 
+/*
+ * Many stacks in one call (one call per group of runs: the caller's per-call cost is paid once).
+ * Task t: ptrs[2t] = r, ptrs[2t + 1] = c, res_ptrs[t] = its res ([k, 7] as in qd_metrics);
+ * ints[4t..4t+3] = (r_type, c_type, n, k); qp[2t..2t+1] = (scale, zero point). Returns the first
+ * non-zero status of qd_metrics, or 0.
+ */
+int qd_many(int64_t n_tasks, void *const *ptrs, double *const *res_ptrs, const int64_t *ints,
+            const float *qp, int64_t chunk, int64_t bins, double tiny, double cap, double eps) {
+    for (int64_t t = 0; t < n_tasks; t++) {
+        const int64_t *d = ints + 4 * t;
+        int rc = qd_metrics(ptrs[2 * t], (int)d[0], ptrs[2 * t + 1], (int)d[1], qp[2 * t], qp[2 * t + 1],
+                            d[2], chunk, bins, 0, d[3], tiny, cap, eps, res_ptrs[t]);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels",
                                     "qdiff's compiled metric reductions (used through ctypes).",
                                     -1, NULL};

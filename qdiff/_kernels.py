@@ -37,7 +37,7 @@ from qdiff import metrics
 from qdiff.runner import available_cpus
 from qdiff.structs import DequantParams
 
-__all__ = ["CHUNK", "available", "row_metrics", "unavailable_reason"]
+__all__ = ["CHUNK", "available", "many_row_metrics", "row_metrics", "unavailable_reason"]
 
 #: elements per chunk of a row (a row's partial sums are combined in this fixed order)
 CHUNK = 1 << 14
@@ -94,6 +94,8 @@ def _load() -> Any:
         p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
         lib.qd_metrics.argtypes = [p, i32, p, i32, f32, f32, i64, i64, i64, i64, i64, f64, f64, f64, p]
         lib.qd_metrics.restype = i32
+        lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
+        lib.qd_many.restype = i32
         _lib = lib
         return _lib
 
@@ -111,10 +113,13 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+Rows = tuple[np.ndarray, list[int], list[metrics.SampleMetrics]]
+
+
 def row_metrics(
     refs: np.ndarray, cands: np.ndarray, dequant: DequantParams | None = None, bins: int = metrics.KL_BINS,
     threads: int | None = None,
-) -> tuple[np.ndarray, list[int], list[metrics.SampleMetrics]] | None:
+) -> Rows | None:
     """The metrics of each row of two ``[k, n]`` stacks (each row one sample), compiled.
 
     ``cands`` may hold the integer output of a QuantizeLinear with ``dequant`` its per-tensor scale
@@ -129,54 +134,111 @@ def row_metrics(
         by :func:`qdiff.metrics.sample_metrics`, in ``slow_metrics``. None when the compiled
         kernels are unavailable (the caller then uses the numpy path).
     """
+    got = many_row_metrics([(refs, cands, dequant)], bins, threads)
+    return None if got is None else got[0]
+
+
+class _Task:
+    """One stack made ready for the kernels (operands in the types they take)."""
+
+    __slots__ = ("refs", "cands", "dequant", "int_dq", "r", "c", "scale", "zp", "res")
+
+    def __init__(self, refs: np.ndarray, cands: np.ndarray, dequant: DequantParams | None):
+        refs = np.asarray(refs)
+        cands = np.asarray(cands)
+        if refs.ndim != 2 or cands.shape != refs.shape:
+            raise ValueError(f"expected two [k, n] stacks of the same shape, got {refs.shape} and {cands.shape}")
+        if dequant is not None and dequant.per_channel:
+            raise ValueError("row_metrics takes per-tensor dequantization only; dequantize per-channel taps first")
+        self.refs, self.cands, self.dequant = refs, cands, dequant
+        self.int_dq = cands.dtype.kind in "iu" and dequant is not None
+        self.res: np.ndarray | None = None
+        if refs.size == 0:
+            return
+        scale, zp = _ONE, _ZERO
+        r = refs.astype(np.float32) if refs.dtype == np.float16 else refs
+        if self.int_dq and cands.dtype in _TYPES and r.dtype == np.float32:
+            c = cands
+            scale = np.float32(np.asarray(dequant.scale).reshape(-1)[0])
+            zp = np.float32(np.asarray(dequant.zero_point).reshape(-1)[0])
+            if not scale > 0:  # not valid ONNX; dequantize here (the range shortcut needs scale > 0)
+                c = dequant.dequantize(cands)
+        else:
+            c = dequant.dequantize(cands) if self.int_dq else cands
+            if c.dtype == np.float16:
+                c = c.astype(np.float32)
+        if r.dtype != np.float32 or c.dtype.kind == "f" and c.dtype != np.float32:
+            r, c = r.astype(np.float64), c.astype(np.float64)
+        self.r, self.c = np.ascontiguousarray(r), np.ascontiguousarray(c)
+        self.scale, self.zp = scale, zp
+        self.res = np.empty((refs.shape[0], 7))
+
+    def careful(self, i: int) -> metrics.SampleMetrics:
+        c = self.cands[i]
+        return metrics.sample_metrics(self.refs[i], self.dequant.dequantize(c) if self.int_dq else c)
+
+    def result(self) -> Rows:
+        k = self.refs.shape[0]
+        if self.res is None:
+            return np.empty((k, 6)), list(range(k)), [self.careful(i) for i in range(k)]
+        good = self.res[:, 6]
+        slow_rows = [] if good.all() else np.flatnonzero(good == 0).tolist()
+        return self.res[:, :6], slow_rows, [self.careful(i) for i in slow_rows]
+
+
+_ONE, _ZERO = np.float32(1.0), np.float32(0.0)
+
+
+def many_row_metrics(
+    stacks: list[tuple[np.ndarray, np.ndarray, DequantParams | None]], bins: int = metrics.KL_BINS,
+    threads: int | None = None,
+) -> list[Rows] | None:
+    """:func:`row_metrics` of many ``(refs, cands, dequant)`` stacks in one call of the kernels.
+
+    Used once per group of runs for all its tensor pairs: the Python cost of a call is paid once,
+    and the GIL is released for the whole reduction. With ``threads`` other than 1 and two cores,
+    the stacks (or the rows of a single stack) are split over two threads by element count.
+    """
     lib = _load()
     if lib is None:
         return None
-    refs = np.asarray(refs)
-    cands = np.asarray(cands)
-    if refs.ndim != 2 or cands.shape != refs.shape:
-        raise ValueError(f"expected two [k, n] stacks of the same shape, got {refs.shape} and {cands.shape}")
-    if dequant is not None and dequant.per_channel:
-        raise ValueError("row_metrics takes per-tensor dequantization only; dequantize per-channel taps first")
-    k, n = refs.shape
-    int_dq = cands.dtype.kind in "iu" and dequant is not None
+    tasks = [_Task(r, c, d) for r, c, d in stacks]
+    ready = [t for t in tasks if t.res is not None]
+    if ready:
+        split = threads != 1 and available_cpus() > 1 and sum(t.r.size for t in ready) >= _THREADED_MIN
+        if split and len(ready) == 1 and ready[0].r.shape[0] > 1:
+            t = ready[0]
+            k, half = t.r.shape[0], t.r.shape[0] // 2
+            head = (_ptr(t.r), _TYPES[t.r.dtype], _ptr(t.c), _TYPES[t.c.dtype], t.scale, t.zp, t.r.shape[1], CHUNK, bins)
+            tail = (_TINY, metrics.SQNR_CAP_DB, metrics.EPS, _ptr(t.res))
+            pending = _threads().submit(lib.qd_metrics, *head, half, k, *tail)
+            codes = [lib.qd_metrics(*head, 0, half, *tail), pending.result()]
+        elif split and len(ready) > 1:
+            sizes = np.cumsum([t.r.size for t in ready])
+            cut = int(np.searchsorted(sizes, sizes[-1] / 2)) + 1
+            pending = _threads().submit(_many, lib, ready[cut:], bins)
+            codes = [_many(lib, ready[:cut], bins), pending.result()]
+        else:
+            codes = [_many(lib, ready, bins)]
+        if any(codes):  # pragma: no cover - the type table above only passes supported pairs
+            if -2 in codes:
+                raise MemoryError("the compiled kernels could not allocate their scratch")
+            raise RuntimeError("unsupported dtypes for the compiled kernels")
+    return [t.result() for t in tasks]
 
-    def careful(i: int) -> metrics.SampleMetrics:
-        return metrics.sample_metrics(refs[i], dequant.dequantize(cands[i]) if int_dq else cands[i])
 
-    if k == 0 or n == 0:
-        return np.empty((k, 6)), list(range(k)), [careful(i) for i in range(k)]
-    scale, zp = np.float32(1.0), np.float32(0.0)
-    r = refs.astype(np.float32) if refs.dtype == np.float16 else refs
-    if int_dq and cands.dtype in _TYPES and r.dtype == np.float32:
-        c = cands
-        scale = np.float32(np.asarray(dequant.scale).reshape(-1)[0])
-        zp = np.float32(np.asarray(dequant.zero_point).reshape(-1)[0])
-        if not scale > 0:  # not valid ONNX; dequantize here (the range shortcut needs scale > 0)
-            c = dequant.dequantize(cands)
-    else:
-        c = dequant.dequantize(cands) if int_dq else cands
-        if c.dtype == np.float16:
-            c = c.astype(np.float32)
-    if r.dtype != np.float32 or c.dtype.kind == "f" and c.dtype != np.float32:
-        r, c = r.astype(np.float64), c.astype(np.float64)
-    r = np.ascontiguousarray(r)
-    c = np.ascontiguousarray(c)
-    res = np.empty((k, 7))
-    head = (_ptr(r), _TYPES[r.dtype], _ptr(c), _TYPES[c.dtype], scale, zp, n, CHUNK, bins)
-    tail = (_TINY, metrics.SQNR_CAP_DB, metrics.EPS, _ptr(res))
-    if threads != 1 and k > 1 and k * n >= _THREADED_MIN and available_cpus() > 1:
-        half = k // 2
-        pending = _threads().submit(lib.qd_metrics, *head, half, k, *tail)
-        rc1 = lib.qd_metrics(*head, 0, half, *tail)
-        rc2 = pending.result()
-    else:
-        rc1, rc2 = lib.qd_metrics(*head, 0, k, *tail), 0
-    if rc1 or rc2:  # pragma: no cover - the type table above only passes supported pairs
-        if -2 in (rc1, rc2):
-            raise MemoryError("the compiled kernels could not allocate their scratch")
-        raise RuntimeError(f"unsupported dtypes {r.dtype}/{c.dtype} for the compiled kernels")
-    good = res[:, 6]
-    slow_rows = [] if good.all() else np.flatnonzero(good == 0).tolist()
-    res = res[:, :6]
-    return res, slow_rows, [careful(i) for i in slow_rows]
+def _many(lib: Any, tasks: list[_Task], bins: int) -> int:
+    if not tasks:
+        return 0
+    n = len(tasks)
+    ptrs = (ctypes.c_void_p * (2 * n))()
+    res_ptrs = (ctypes.c_void_p * n)()
+    ints = np.empty(4 * n, dtype=np.int64)
+    qp = np.empty(2 * n, dtype=np.float32)
+    for i, t in enumerate(tasks):
+        ptrs[2 * i], ptrs[2 * i + 1], res_ptrs[i] = _ptr(t.r), _ptr(t.c), _ptr(t.res)
+        ints[4 * i : 4 * i + 4] = (_TYPES[t.r.dtype], _TYPES[t.c.dtype], t.r.shape[1], t.r.shape[0])
+        qp[2 * i], qp[2 * i + 1] = t.scale, t.zp
+    return lib.qd_many(
+        n, ptrs, res_ptrs, _ptr(ints), _ptr(qp), CHUNK, bins, _TINY, metrics.SQNR_CAP_DB, metrics.EPS
+    )

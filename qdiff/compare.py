@@ -375,6 +375,7 @@ class _Folds:
         for key, value in step.results.items():
             if key not in self.broken:
                 self.take(key, value)
+        self.folder.run()
         for k, (rows, agree) in step.top1.items():
             self.top1[k].rows += rows
             self.top1[k].agree += agree
@@ -536,14 +537,7 @@ def _reduce_rows(
     if compiled:
         got = _kernels.row_metrics(refs, cands, dq, threads=threads)
         if got is not None:
-            values, slow_rows, slow = got
-            if slow_rows:
-                keep = np.ones(len(values), dtype=bool)
-                keep[slow_rows] = False
-                values = values[keep]
-                for m in slow:
-                    acc.add(m)
-            acc.add_values(values, refs.shape[1])
+            _fold_rows(acc, got, refs.shape[1])
             return
     if dq is not None:
         cands = dq.dequantize(cands)
@@ -553,6 +547,18 @@ def _reduce_rows(
     else:
         for m in metrics.sample_metrics_rows(refs, cands):
             acc.add(m)
+
+
+def _fold_rows(acc: metrics.TensorAccumulator, rows: _kernels.Rows, n: int) -> None:
+    """Fold the kernels' ``(values, slow_rows, slow_metrics)`` of one stack into ``acc``."""
+    values, slow_rows, slow = rows
+    if slow_rows:
+        keep = np.ones(len(values), dtype=bool)
+        keep[slow_rows] = False
+        values = values[keep]
+        for m in slow:
+            acc.add(m)
+    acc.add_values(values, n)
 
 
 def _portable(model: ModelLike) -> Any:
@@ -813,23 +819,9 @@ class _NumpyEngine(_Engine):
     def _check_prefused(self, run: Mapping[str, np.ndarray]) -> str | None:
         """Do the fused graph's taps give the unfused taps' values on one run? (None: yes)"""
         model, taps, factory = self.unfused
-        names = list(dict.fromkeys(taps[k].quant_tensor for k, _ in self._keyed))
-        try:
-            sess, _ = open_session(factory, tap_model(model, names), "unfused check")
-            want = dict(zip(names, sess.run(names, feed_for(sess, run))))
-            got_names = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in self._keyed))
-            single = self.batcher.fetch(run, [[], got_names])[1]
-        except Exception as exc:  # noqa: BLE001 - any failure: tap the model as given
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-        for key, _ in self._keyed:
-            a = _real(want[taps[key].quant_tensor], taps[key]).astype(np.float64).ravel()
-            b = _real(single[self.tap_pairs[key].quant_tensor], self.tap_pairs[key]).astype(np.float64).ravel()
-            if a.shape != b.shape:
-                return f"tensor for '{self.tap_pairs[key].layer}' has another shape"
-            ok = np.isfinite(a) & np.isfinite(b)
-            if np.linalg.norm(a[ok] - b[ok]) > 1e-2 * np.linalg.norm(a[ok]) + 1e-9:
-                return f"values of '{self.tap_pairs[key].layer}' differ from the unfused model's"
-        return None
+        return fused_taps_differ(
+            factory, model, taps, self.tap_pairs, run, lambda names: self.batcher.fetch(run, [[], names])[1]
+        )
 
     def _names(self, group: list) -> list[list[str]]:
         return [
@@ -1020,8 +1012,8 @@ def _prefused(q_proto: onnx.ModelProto, taps: dict, qg: Graph) -> tuple[onnx.Mod
     found in that graph: a tensor kept under its name, a QuantizeLinear kept under its node name,
     or the fused ``QLinear*`` node named after the original target (through a Relu/Clip), read
     with that node's output scale and zero point (onnxruntime turns int8 into uint8 with the
-    zero point shifted by 128). None where any tap cannot be found, or the model keeps its
-    weights on disk; the caller then taps the model as given.
+    zero point shifted by 128). None where any tap cannot be found, none is read from a fused
+    node, or the model keeps its weights on disk; the caller then taps the model as given.
     """
     # big models: optimising, saving, reloading and checking a second copy costs more than the
     # fused taps save (measured on a 2 GB MLP: 37 s -> 44 s)
@@ -1084,8 +1076,33 @@ def _prefused(q_proto: onnx.ModelProto, taps: dict, qg: Graph) -> tuple[onnx.Mod
         if scale is None or zp is None or scale.size != 1 or zp.size != 1 or scale.dtype != np.float32:
             return None
         out[key] = dataclasses.replace(tap, quant_tensor=fused.output[0], dequant=DequantParams(scale, zp, 1))
+    if all(out[key] is tap for key, tap in taps.items()):
+        return None  # nothing is read from a fused node: the model as given fuses the same
     opt.ir_version = min(opt.ir_version, q_proto.ir_version) or q_proto.ir_version
     return opt, out
+
+
+def fused_taps_differ(factory, model: onnx.ModelProto, taps: dict, fused_taps: dict, run, fetch_fused) -> str | None:
+    """Why the taps of onnxruntime's fused graph (:func:`_prefused`) cannot stand for ``taps`` of
+    ``model``, found by running both on one run; None when every tap agrees (1e-2 relative L2,
+    the fused kernels round differently). ``fetch_fused(names)`` returns the fused graph's tensors."""
+    names = list(dict.fromkeys(t.quant_tensor for t in taps.values()))
+    try:
+        sess, _ = open_session(factory, tap_model(model, names), "unfused check")
+        want = dict(zip(names, sess.run(names, feed_for(sess, run))))
+        got_names = list(dict.fromkeys(fused_taps[k].quant_tensor for k in taps))
+        got = fetch_fused(got_names)
+    except Exception as exc:  # noqa: BLE001 - any failure: tap the model as given
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    for key, tap in taps.items():
+        a = _real(want[tap.quant_tensor], tap).astype(np.float64).ravel()
+        b = _real(got[fused_taps[key].quant_tensor], fused_taps[key]).astype(np.float64).ravel()
+        if a.shape != b.shape:
+            return f"tensor for '{fused_taps[key].layer}' has another shape"
+        ok = np.isfinite(a) & np.isfinite(b)
+        if np.linalg.norm(a[ok] - b[ok]) > 1e-2 * np.linalg.norm(a[ok]) + 1e-9:
+            return f"values of '{fused_taps[key].layer}' differ from the unfused model's"
+    return None
 
 
 def _integer_tap(pair: TensorPair, qg: Graph) -> TensorPair:
@@ -1143,6 +1160,8 @@ def _tap_bytes(keyed: list, fg: Graph, tap_pairs: dict, qg: Graph | None) -> int
 _ROWS_MAX_ELEMENTS = 4096
 _ROWS_MAX = 64
 _ROWS_BUFFER_BYTES = 1 << 18
+#: a RowFolder reduces what is due before its concatenated buffers pass this many bytes
+_DUE_COPIES_MAX = 2 << 20
 
 
 class RowFolder:
@@ -1150,8 +1169,10 @@ class RowFolder:
 
     Per-call overhead dominates small tensors, so rows are buffered per key and reduced together
     once a key holds ``max_rows`` rows or ``max_bytes`` (float64 equivalent); rows of more than
-    ``immediate_elements`` elements are reduced at once (``None``: buffer every size). A row's
-    values never depend on which rows share its call, so the buffering changes no number.
+    ``immediate_elements`` elements are reduced at once (``None``: buffer every size). What is due
+    is reduced by :meth:`run` (the caller calls it once per group of runs): all of it in one call
+    of the compiled kernels. A row's values never depend on which rows share its call, so the
+    buffering changes no number.
     """
 
     def __init__(
@@ -1161,11 +1182,13 @@ class RowFolder:
         self.compiled, self.max_bytes, self.max_rows, self.immediate = compiled, max_bytes, max_rows, immediate_elements
         self.threads = threads  # kernel threads per call (None: the kernels' default, 1 in a worker thread)
         self._buffers: dict[Any, tuple[metrics.TensorAccumulator, list]] = {}
+        self._due: list[tuple[metrics.TensorAccumulator, np.ndarray, np.ndarray, Any]] = []
+        self._due_copies = 0  # bytes of the concatenated buffers in _due (the rest are views)
 
     def add(self, key: Any, acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq=None) -> None:
-        """Fold the rows of ``refs``/``cands`` (``[k, n]``, one sample per row) into ``acc``."""
+        """Take the rows of ``refs``/``cands`` (``[k, n]``, one sample per row) for ``acc``."""
         if self.immediate is not None and refs.shape[1] > self.immediate:
-            _reduce_rows(acc, refs, cands, dq, self.compiled, self.threads)
+            self._due.append((acc, refs, cands, dq))
             return
         _, buf = self._buffers.setdefault(key, (acc, []))
         if buf and (buf[0][0].shape[1] != refs.shape[1] or buf[0][2] is not dq):
@@ -1175,18 +1198,36 @@ class RowFolder:
         if rows * refs.shape[1] * 8 >= self.max_bytes or rows >= self.max_rows:
             self._flush(acc, buf)
 
+    def run(self) -> None:
+        """Reduce what is due (the immediate rows and the full buffers) into the accumulators."""
+        due, self._due, self._due_copies = self._due, [], 0
+        if not due:
+            return
+        got = _kernels.many_row_metrics([(r, c, dq) for _, r, c, dq in due], threads=self.threads) if self.compiled else None
+        if got is None:
+            for acc, refs, cands, dq in due:
+                _reduce_rows(acc, refs, cands, dq, False)
+            return
+        for (acc, refs, _, _), rows in zip(due, got):
+            _fold_rows(acc, rows, refs.shape[1])
+
     def flush(self) -> None:
         """Reduce everything still buffered."""
         for acc, buf in self._buffers.values():
             self._flush(acc, buf)
+        self.run()
 
     def _flush(self, acc: metrics.TensorAccumulator, buf: list) -> None:
         if not buf:
             return
         refs = np.concatenate([r for r, _, _ in buf]) if len(buf) > 1 else buf[0][0]
         cands = np.concatenate([c for _, c, _ in buf]) if len(buf) > 1 else buf[0][1]
-        _reduce_rows(acc, refs, cands, buf[0][2], self.compiled, self.threads)
+        self._due.append((acc, refs, cands, buf[0][2]))
+        if len(buf) > 1:
+            self._due_copies += refs.nbytes + cands.nbytes
         buf.clear()
+        if self._due_copies > _DUE_COPIES_MAX:
+            self.run()
 
 
 def _group_by_memory(keyed: list, fg: Graph, budget: int) -> list[list]:

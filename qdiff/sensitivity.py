@@ -44,7 +44,9 @@ from qdiff.compare import (
     RowFolder,
     _groups_of,
     _integer_tap,
+    _prefused,
     _meta,
+    fused_taps_differ,
     integer_source,
     load_pair,
     load_tensor_map,
@@ -228,11 +230,23 @@ def sensitivity(
     # runs batched where that changes nothing (see compare.Batcher); samples buffered per layer
     # (up to 128 KiB each) and reduced many at a time
     per_run = _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int)
-    batcher = Batcher(
-        session_factory,
-        [(shadow, shadow_taps, f"shadow of {f_loaded.label}"), (q_loaded.proto, q_taps, q_loaded.label)],
-        per_run,
-    )
+    # the quantized model tapped in onnxruntime's fused graph where that gives the same values
+    # (see compare._prefused: tapped as given, its convolutions would run in float)
+    unfused = {i: tapped[p.layer] for i, p in enumerate(pairs)}
+    unfused_by_layer = dict(tapped)
+    prefused = _prefused(q_loaded.proto, unfused, qg)
+
+    def open_batcher(q_model: onnx.ModelProto) -> Batcher:
+        return Batcher(
+            session_factory,
+            [(shadow, shadow_taps, f"shadow of {f_loaded.label}"), (q_model, q_taps, q_loaded.label)],
+            per_run,
+        )
+
+    if prefused is not None:
+        tapped = {p.layer: prefused[1][i] for i, p in enumerate(pairs)}
+        q_taps = list(dict.fromkeys([t.quant_tensor for t in tapped.values()] + [o.quant_tensor for o in outputs]))
+    batcher = open_batcher(prefused[0] if prefused is not None else q_loaded.proto)
     first_source.group = batcher.runs_per_group
     compiled = _kernels.available()
 
@@ -255,6 +269,7 @@ def sensitivity(
                 got = rows(s_vals[r.float_output], s_vals[iso_read[r.layer]], dq, runs)
                 if got is not None:
                     self.folder.add(("isolated", r.layer), self.iso[r.layer], *got)
+            self.folder.run()
 
     def rows(ref, raw, dq: DequantParams | None, runs: int):
         ref, raw = np.asarray(ref), np.asarray(raw)
@@ -281,6 +296,19 @@ def sensitivity(
     batches = iter(first_source)
     first_group = [b for _, b in zip(range(batcher.runs_per_group), batches)]
     workers = [Folds()]
+    fused_note = None
+    if first_group and prefused is not None:
+        why = fused_taps_differ(
+            session_factory, q_loaded.proto, unfused, prefused[1], first_group[0],
+            lambda names: batcher.fetch(first_group[0], [[], names])[1],
+        )  # fmt: skip
+        if why is None:
+            fused_note = "quantized model tapped in onnxruntime's fused graph (checked against the unfused taps on the first run)"
+        else:
+            fused_note = f"onnxruntime's fused graph not tapped: {why}"
+            tapped = dict(unfused_by_layer)
+            q_taps = list(dict.fromkeys([t.quant_tensor for t in tapped.values()] + [o.quant_tensor for o in outputs]))
+            batcher = open_batcher(q_loaded.proto)
     if first_group:
         measure(first_group, True, workers[0])
         report(len(first_group))
@@ -296,7 +324,7 @@ def sensitivity(
     for w in workers[1:]:
         acc = {k: a.merge(w.acc[k]) for k, a in acc.items()}
         iso = {k: a.merge(w.iso[k]) for k, a in iso.items()}
-    notes = list(batcher.notes)
+    notes = list(batcher.notes) + ([fused_note] if fused_note else [])
     batcher = None  # the sessions go before the edited models load
     if first_source.batches == 0:
         from qdiff.errors import DataError

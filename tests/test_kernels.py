@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -291,12 +292,42 @@ def test_channel_cosines_equal_per_channel_sample_metrics(axis):
 
 def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
     """Taps found in onnxruntime's fused graph (QLinearConv/QGemm outputs) give the unfused taps' numbers."""
-    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
-    fused = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=100)
-    assert any("fused graph (" in n for n in fused.meta["notes"]), fused.meta["notes"]
+    args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
+    fused = qdiff.compare(*args, samples=40)
+    note = next(n for n in fused.meta["notes"] if "fused graph (" in n)
+    assert int(note.split("(")[1].split()[0]) >= 10, note  # layers read from fused QLinear*/QGemm nodes
     assert fused.meta["tapped_vs_deployed_max_abs"] == 0.0
     monkeypatch.setattr(compare_module, "_prefused", lambda *a: None)
-    plain = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=100)
+    plain = qdiff.compare(*args, samples=40)
     assert not any("fused graph" in n for n in plain.meta["notes"])
     cols = ["cosine", "mse", "max_abs", "sqnr_db"]
     np.testing.assert_allclose(fused.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3)
+
+
+def test_no_fused_graph_when_no_tap_would_be_read_from_a_fused_node():
+    """The digits CNN's QDQ taps all survive onnxruntime's fusion as they are: no second graph."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
+    r = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=20)
+    assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
+
+
+def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
+    """Sensitivity's quantized model is tapped in onnxruntime's fused graph: the same numbers as
+    tapped as given; when the check on the first run disagrees, the model as given is tapped."""
+    sens_module = importlib.import_module("qdiff.sensitivity")
+
+    args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
+    fused = qdiff.sensitivity(*args, samples=24, gain=False)
+    assert any(n.startswith("quantized model tapped in onnxruntime's fused graph") for n in fused.meta["notes"])
+    monkeypatch.setattr(sens_module, "fused_taps_differ", lambda *a: "values of 'x' differ")
+    refused = qdiff.sensitivity(*args, samples=24, gain=False)
+    assert any("fused graph not tapped: values of 'x' differ" in n for n in refused.meta["notes"])
+    monkeypatch.setattr(sens_module, "_prefused", lambda *a: None)
+    plain = qdiff.sensitivity(*args, samples=24, gain=False)
+    assert not any("fused graph" in n for n in plain.meta["notes"])
+    cols = [c for c in plain.layers.columns if c.startswith(("accumulated_cosine", "isolated_cosine"))]
+    assert len(cols) >= 2
+    for other in (fused, refused):
+        np.testing.assert_allclose(
+            other.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3, atol=1e-6
+        )
