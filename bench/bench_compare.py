@@ -13,6 +13,11 @@ are measured, each in a FRESH subprocess so that peak RSS belongs to that config
     one untapped onnxruntime ``InferenceSession`` per model (CPU, default options and threads),
     every sample fed one at a time to both, outputs dropped at once; ``floor_nospin`` is the same
     with intra-op thread spinning off. The table's floor is the faster of the two.
+``floor_streams``
+    the way qdiff itself runs the models since its worker pipeline: one thread per core, each
+    feeding whole samples to both models through shared sessions of one intra-op thread (no
+    spinning). Faster than onnxruntime's default threading on small models; reported as a
+    second, stricter floor (``compare/streams``).
 ``compare``
     ``qdiff.compare(float_path, quant_path, data={"input": array})``.
 ``sensitivity``
@@ -53,7 +58,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = ROOT / "sample_models"
-CONFIGS = ("floor", "floor_nospin", "compare", "sensitivity", "qdq_loss_debug")
+CONFIGS = ("floor", "floor_nospin", "floor_streams", "compare", "sensitivity", "qdq_loss_debug")
 # diagnostics, run only when named in --configs:
 #   compare_nospin  qdiff.compare with onnxruntime's intra-op thread spinning turned off
 #   compare_blas1   qdiff.compare in a child whose numpy BLAS (OpenBLAS/MKL/OpenMP) has one thread
@@ -306,6 +311,29 @@ def run_child(spec: dict) -> dict:
             feed = {"input": x[i : i + 1]}
             f_sess.run(None, feed)
             q_sess.run(None, feed)
+        extra["inference_s"] = time.perf_counter() - t_run
+    elif config == "floor_streams":
+        import threading
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        f_sess = ort.InferenceSession(fpath, sess_options=so, providers=["CPUExecutionProvider"])
+        q_sess = ort.InferenceSession(qpath, sess_options=so, providers=["CPUExecutionProvider"])
+        t_run = time.perf_counter()
+
+        def stream(k: int) -> None:
+            for i in range(k, len(x), cores):
+                feed = {"input": x[i : i + 1]}
+                f_sess.run(None, feed)
+                q_sess.run(None, feed)
+
+        threads = [threading.Thread(target=stream, args=(k,)) for k in range(cores)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
         extra["inference_s"] = time.perf_counter() - t_run
     elif config in ("compare", "compare_blas1", "compare_nospin", "compare_fused"):
         kwargs: dict = {}
@@ -587,10 +615,13 @@ SHORT = {
 
 
 def table(rows: list[dict], configs: list[str]) -> str:
-    others = [c for c in configs if c not in ("floor", "floor_nospin")]
+    others = [c for c in configs if c not in ("floor", "floor_nospin", "floor_streams")]
     head = ["case", "samples", "floor s"]
     for c in others[:1]:
         head += [f"{c} s", f"{SHORT[c]}/floor time"]
+    streams = "floor_streams" in configs
+    if streams:
+        head += ["streams floor s", f"{SHORT[others[0]]}/streams time" if others else "streams/floor time"]
     head += ["floor peak MB"]
     for c in others[:1]:
         head += [f"{c} peak MB", f"{SHORT[c]}/floor peak"]
@@ -627,6 +658,14 @@ def table(rows: list[dict], configs: list[str]) -> str:
         ]
         for c in others[:1]:
             line += cells(r.get(c))[:2]
+        if streams:
+            st = r.get("floor_streams") or {}
+            if st.get("status") == "ok":
+                ref = r.get(others[0]) if others else fl
+                ratio = ref["seconds"] / st["seconds"] if ref and ref.get("status") == "ok" else None
+                line += [_f(st["seconds"], ".3f"), _f(ratio, ".2f") + "x"]
+            else:
+                line += [st.get("status", "–"), "–"]
         line += [_f(fl["peak_mb"], ".0f") if f_ok else "–"]
         for c in others[:1]:
             line += cells(r.get(c))[2:]

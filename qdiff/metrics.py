@@ -911,9 +911,11 @@ class TensorAccumulator:
         """
         if not isinstance(other, TensorAccumulator):
             raise TypeError(f"cannot merge TensorAccumulator with {type(other).__name__}")
-        self._settle()
-        other._settle()
         out = TensorAccumulator()
+        # rows queued by add_values are carried over unsettled (the sums are exact, so they
+        # fold in equally well later, once, with everything else)
+        out._pending = self._pending + other._pending
+        out._pending_rows = self._pending_rows + other._pending_rows
         out._samples = self._samples + other._samples
         out._scored = self._scored + other._scored
         out._nonfinite_samples = self._nonfinite_samples + other._nonfinite_samples

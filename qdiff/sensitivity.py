@@ -63,7 +63,7 @@ from qdiff.runner import (
     tap_model,
 )
 from qdiff.shadow import build_shadow, keep_float, quantize_only
-from qdiff.structs import DequantParams, Region
+from qdiff.structs import DequantParams, Region, TensorPair
 
 __all__ = ["sensitivity", "SensitivityResult", "load_eval", "SENSITIVITY_COLUMNS", "RANK_BY"]
 
@@ -224,29 +224,46 @@ def sensitivity(
     sg = Graph(shadow)
     iso_int = {r.layer: integer_source(sg, iso_taps[r.layer]) for r in regions if r.output_dequant is None}
     iso_read = {r.layer: (iso_int[r.layer][0] if iso_int.get(r.layer) else iso_taps[r.layer]) for r in regions}
-    f_taps = list(dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs]))
-    q_taps = list(dict.fromkeys([tapped[p.layer].quant_tensor for p in pairs] + [o.quant_tensor for o in outputs]))
-    shadow_taps = list(dict.fromkeys(f_taps + list(iso_read.values())))
+    f_names = list(
+        dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs] + [r.float_output for r in regions])
+    )
+    # what each model is read for, keyed 0..n (the form compare._prefused takes): the shadow's
+    # float tensors and isolated outputs, the quantized model's layers
+    s_keys = [("float", t) for t in f_names] + [("isolated", r.layer) for r in regions]
+    s_plain: dict[int, TensorPair] = {}
+    for i, (kind, name) in enumerate(s_keys):
+        if kind == "float":
+            s_plain[i] = TensorPair(layer=name, op_type="", float_tensor=name, quant_tensor=name)
+        else:
+            r = next(r for r in regions if r.layer == name)
+            dq = r.output_dequant or (iso_int[name][1] if iso_int.get(name) else None)
+            s_plain[i] = TensorPair(layer=name, op_type="", float_tensor=r.float_output, quant_tensor=iso_read[name], dequant=dq)
+    s_index = {key: i for i, key in enumerate(s_keys)}
+    q_plain = {i: tapped[p.layer] for i, p in enumerate(pairs)}
+    q_outputs = [o.quant_tensor for o in outputs]
     # runs batched where that changes nothing (see compare.Batcher); samples buffered per layer
-    # (up to 128 KiB each) and reduced many at a time
+    # (up to 32 KiB each: 128 KiB held 8 MB more on the 50-conv CNN, no quicker) and reduced many at a time
     per_run = _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int)
-    # the quantized model tapped in onnxruntime's fused graph where that gives the same values
-    # (see compare._prefused: tapped as given, its convolutions would run in float)
-    unfused = {i: tapped[p.layer] for i, p in enumerate(pairs)}
-    unfused_by_layer = dict(tapped)
-    prefused = _prefused(q_loaded.proto, unfused, qg)
+    # both models tapped in onnxruntime's fused graphs where that gives the same values (see
+    # compare._prefused: tapping a QuantizeLinear output stops the fusion of the quantized layers
+    # around it, which would then run in float); checked on the first run, else tapped as given
+    fused = [_prefused(shadow, s_plain, sg), _prefused(q_loaded.proto, q_plain, qg)]
+    plain = [(shadow, s_plain), (q_loaded.proto, q_plain)]
+    taps: list[dict[int, TensorPair]] = [s_plain, q_plain]
+    names: list[list[str]] = [[], []]
 
-    def open_batcher(q_model: onnx.ModelProto) -> Batcher:
+    def open_batcher() -> Batcher:
+        for m in (0, 1):
+            taps[m] = fused[m][1] if fused[m] is not None else plain[m][1]
+            names[m] = list(dict.fromkeys([t.quant_tensor for t in taps[m].values()] + (q_outputs if m else [])))
+        models = [fused[m][0] if fused[m] is not None else plain[m][0] for m in (0, 1)]
         return Batcher(
             session_factory,
-            [(shadow, shadow_taps, f"shadow of {f_loaded.label}"), (q_model, q_taps, q_loaded.label)],
+            [(models[0], names[0], f"shadow of {f_loaded.label}"), (models[1], names[1], q_loaded.label)],
             per_run,
         )
 
-    if prefused is not None:
-        tapped = {p.layer: prefused[1][i] for i, p in enumerate(pairs)}
-        q_taps = list(dict.fromkeys([t.quant_tensor for t in tapped.values()] + [o.quant_tensor for o in outputs]))
-    batcher = open_batcher(prefused[0] if prefused is not None else q_loaded.proto)
+    batcher = open_batcher()
     first_source.group = batcher.runs_per_group
     compiled = _kernels.available()
 
@@ -256,17 +273,20 @@ def sensitivity(
         def __init__(self, kernel_threads: int | None = None):
             self.acc = {p.layer: metrics.TensorAccumulator() for p in pairs}
             self.iso = {r.layer: metrics.TensorAccumulator() for r in regions}
-            self.folder = RowFolder(compiled, max_bytes=1 << 17, immediate_elements=None, threads=kernel_threads)
+            self.folder = RowFolder(compiled, max_bytes=1 << 15, immediate_elements=None, threads=kernel_threads)
 
         def fold(self, s_vals: dict, q_vals: dict, runs: int) -> None:
-            for p in pairs:
-                t = tapped[p.layer]
-                got = rows(s_vals[p.float_tensor], q_vals[t.quant_tensor], t.dequant, runs)
+            s_taps, q_taps = taps
+            for i, p in enumerate(pairs):
+                t = q_taps[i]
+                ref = s_vals[s_taps[s_index["float", p.float_tensor]].quant_tensor]
+                got = rows(ref, q_vals[t.quant_tensor], t.dequant, runs)
                 if got is not None:
                     self.folder.add(("accumulated", p.layer), self.acc[p.layer], *got)
             for r in regions:
-                dq = r.output_dequant or (iso_int[r.layer][1] if iso_int.get(r.layer) else None)
-                got = rows(s_vals[r.float_output], s_vals[iso_read[r.layer]], dq, runs)
+                t = s_taps[s_index["isolated", r.layer]]
+                ref = s_vals[s_taps[s_index["float", r.float_output]].quant_tensor]
+                got = rows(ref, s_vals[t.quant_tensor], t.dequant, runs)
                 if got is not None:
                     self.folder.add(("isolated", r.layer), self.iso[r.layer], *got)
             self.folder.run()
@@ -280,7 +300,7 @@ def sensitivity(
         return ref.reshape(runs, -1), raw.reshape(runs, -1), dq if raw.dtype.kind in "iu" else None
 
     def measure(group: list, first: bool, folds: Folds) -> None:
-        for (s_vals, q_vals), runs, _ in batcher.parts(group, first, [shadow_taps, q_taps]):
+        for (s_vals, q_vals), runs, _ in batcher.parts(group, first, names):
             folds.fold(s_vals, q_vals, runs)
 
     done = 0
@@ -291,24 +311,35 @@ def sensitivity(
         if progress is not None:
             progress("isolated", done, first_source.count)
 
-    # the first group settles batching alone; the others go to the pipeline's workers, each
-    # running both models on a group and reducing it into its own accumulators
+    # the first group settles batching and the fused graphs alone; the others go to the
+    # pipeline's workers, each running both models on a group and reducing it into its own
+    # accumulators
     batches = iter(first_source)
     first_group = [b for _, b in zip(range(batcher.runs_per_group), batches)]
     workers = [Folds()]
-    fused_note = None
-    if first_group and prefused is not None:
-        why = fused_taps_differ(
-            session_factory, q_loaded.proto, unfused, prefused[1], first_group[0],
-            lambda names: batcher.fetch(first_group[0], [[], names])[1],
-        )  # fmt: skip
-        if why is None:
-            fused_note = "quantized model tapped in onnxruntime's fused graph (checked against the unfused taps on the first run)"
-        else:
-            fused_note = f"onnxruntime's fused graph not tapped: {why}"
-            tapped = dict(unfused_by_layer)
-            q_taps = list(dict.fromkeys([t.quant_tensor for t in tapped.values()] + [o.quant_tensor for o in outputs]))
-            batcher = open_batcher(q_loaded.proto)
+    fused_notes: list[str] = []
+    if first_group and any(f is not None for f in fused):
+        refused = False
+        run0 = first_group[0]
+        for m, what in ((0, "shadow model"), (1, "quantized model")):
+            if fused[m] is None:
+                continue
+
+            def fetch(wanted: list[str], m: int = m) -> dict:
+                return batcher.fetch(run0, [wanted, []] if m == 0 else [[], wanted])[m]
+
+            why = fused_taps_differ(session_factory, plain[m][0], plain[m][1], fused[m][1], run0, fetch)
+            if why is None:
+                moved = sum(1 for k, t in fused[m][1].items() if t is not plain[m][1][k])
+                fused_notes.append(
+                    f"{what} tapped in onnxruntime's fused graph ({moved} tensor(s) read from fused QLinear* "
+                    "nodes, checked against the unfused taps on the first run)"
+                )
+            else:
+                fused_notes.append(f"{what}: onnxruntime's fused graph not tapped: {why}")
+                fused[m], refused = None, True
+        if refused:
+            batcher = open_batcher()
     if first_group:
         measure(first_group, True, workers[0])
         report(len(first_group))
@@ -324,7 +355,7 @@ def sensitivity(
     for w in workers[1:]:
         acc = {k: a.merge(w.acc[k]) for k, a in acc.items()}
         iso = {k: a.merge(w.iso[k]) for k, a in iso.items()}
-    notes = list(batcher.notes) + ([fused_note] if fused_note else [])
+    notes = list(batcher.notes) + fused_notes
     batcher = None  # the sessions go before the edited models load
     if first_source.batches == 0:
         from qdiff.errors import DataError
