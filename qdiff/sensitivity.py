@@ -50,6 +50,7 @@ from qdiff.compare import (
     integer_source,
     load_pair,
     load_tensor_map,
+    prefuse_pays,
 )
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike
@@ -247,7 +248,11 @@ def sensitivity(
     # both models tapped in onnxruntime's fused graphs where that gives the same values (see
     # compare._prefused: tapping a QuantizeLinear output stops the fusion of the quantized layers
     # around it, which would then run in float); checked on the first run, else tapped as given
-    fused = [_prefused(shadow, s_plain, sg), _prefused(q_loaded.proto, q_plain, qg)]
+    fused = (
+        [_prefused(shadow, s_plain, sg), _prefused(q_loaded.proto, q_plain, qg)]
+        if prefuse_pays(first_source.count)
+        else [None, None]
+    )
     plain = [(shadow, s_plain), (q_loaded.proto, q_plain)]
     taps: list[dict[int, TensorPair]] = [s_plain, q_plain]
     names: list[list[str]] = [[], []]

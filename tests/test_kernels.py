@@ -293,21 +293,27 @@ def test_channel_cosines_equal_per_channel_sample_metrics(axis):
 def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
     """Taps found in onnxruntime's fused graph (QLinearConv/QGemm outputs) give the unfused taps' numbers."""
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
-    fused = qdiff.compare(*args, samples=40)
+    fused = qdiff.compare(*args, samples=64)
     note = next(n for n in fused.meta["notes"] if "fused graph (" in n)
     assert int(note.split("(")[1].split()[0]) >= 10, note  # layers read from fused QLinear*/QGemm nodes
     assert fused.meta["tapped_vs_deployed_max_abs"] == 0.0
     monkeypatch.setattr(compare_module, "_prefused", lambda *a: None)
-    plain = qdiff.compare(*args, samples=40)
+    plain = qdiff.compare(*args, samples=64)
     assert not any("fused graph" in n for n in plain.meta["notes"])
     cols = ["cosine", "mse", "max_abs", "sqnr_db"]
     np.testing.assert_allclose(fused.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3)
 
 
+def test_no_fused_graph_for_few_samples():
+    args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
+    r = qdiff.compare(*args, samples=63)
+    assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
+
+
 def test_no_fused_graph_when_no_tap_would_be_read_from_a_fused_node():
     """The digits CNN's QDQ taps all survive onnxruntime's fusion as they are: no second graph."""
     args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
-    r = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=20)
+    r = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=100)
     assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
 
 
@@ -317,13 +323,15 @@ def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
     sens_module = importlib.import_module("qdiff.sensitivity")
 
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
-    fused = qdiff.sensitivity(*args, samples=24, gain=False)
+    fused = qdiff.sensitivity(*args, samples=64, gain=False)
     assert any(n.startswith("quantized model tapped in onnxruntime's fused graph") for n in fused.meta["notes"])
     monkeypatch.setattr(sens_module, "fused_taps_differ", lambda *a: "values of 'x' differ")
-    refused = qdiff.sensitivity(*args, samples=24, gain=False)
+    refused = qdiff.sensitivity(*args, samples=64, gain=False)
     assert any("fused graph not tapped: values of 'x' differ" in n for n in refused.meta["notes"])
     monkeypatch.setattr(sens_module, "_prefused", lambda *a: None)
-    plain = qdiff.sensitivity(*args, samples=24, gain=False)
+    plain = qdiff.sensitivity(*args, samples=64, gain=False)
+    few = qdiff.sensitivity(*args, samples=63, gain=False)  # too few samples to pay for the fused graphs
+    assert not any("fused graph" in n for n in few.meta["notes"])
     assert not any("fused graph" in n for n in plain.meta["notes"])
     cols = [c for c in plain.layers.columns if c.startswith(("accumulated_cosine", "isolated_cosine"))]
     assert len(cols) >= 2
