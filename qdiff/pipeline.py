@@ -41,9 +41,9 @@ def workers(cpus: int | None = None) -> int:
 
 def session_threads(cpus: int | None = None) -> int:
     """onnxruntime intra-op threads per session so that :func:`workers` workers fill the cores
-    (0, onnxruntime's default, on one core)."""
+    (never onnxruntime's default of every core: ``--workers`` processes share the machine)."""
     cpus = available_cpus() if cpus is None else cpus
-    return max(1, cpus // workers(cpus)) if cpus > 1 else 0
+    return max(1, cpus // workers(cpus))
 
 
 def run_groups(

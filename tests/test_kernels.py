@@ -339,3 +339,51 @@ def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
         np.testing.assert_allclose(
             other.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3, atol=1e-6
         )
+
+
+@needs_kernels
+def test_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
+    """The SSE2 sums/min-max (x86-64) and the portable C loops (other CPUs) compute the same bits:
+    a copy of the extension built without SSE2 is compared on every type pair and row length."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+    import sysconfig
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("needs a C compiler on x86-64")
+    src = Path(_kernels.__file__).with_name("_ckernels.c")
+    so = tmp_path / "portable.so"
+    subprocess.run(
+        [cc, "-O3", "-fno-fast-math", "-std=c99", "-fPIC", "-shared", "-U__SSE2__",
+         "-I" + sysconfig.get_paths()["include"], str(src), "-o", str(so)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    stacks = []
+    for n in (1, 3, 7, 1000, _kernels.CHUNK + 13, 3 * _kernels.CHUNK):
+        r = rng.standard_normal((5, n)).astype(np.float32)
+        relu = np.maximum(r, 0)
+        stacks += [
+            (r, (r + 0.01 * rng.standard_normal(r.shape)).astype(np.float32), None),
+            (relu, np.clip(np.round(relu / 0.02), 0, 255).astype(np.uint8), DequantParams(np.array(0.02, np.float32), np.array(3, np.uint8))),
+            (r, np.clip(np.round(r / 0.03), -128, 127).astype(np.int8), DequantParams(np.array(0.03, np.float32), np.array(-2, np.int8))),
+            (r.astype(np.float64), (r + 0.5).astype(np.float64), None),
+            (r, np.clip(np.round(r / 1e-3), -32768, 32767).astype(np.int16), DequantParams(np.array(1e-3, np.float32), np.array(0, np.int16))),
+        ]  # fmt: skip
+    built = [v.copy() for v, _, _ in _kernels.many_row_metrics(stacks, threads=1)]
+    lib = ctypes.CDLL(str(so))
+    p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+    lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
+    lib.qd_many.restype = ctypes.c_int
+    original = _kernels._load()
+    try:
+        _kernels._lib = lib
+        portable = [v.copy() for v, _, _ in _kernels.many_row_metrics(stacks, threads=1)]
+    finally:
+        _kernels._lib = original
+    assert len(built) == len(portable) == 30
+    for a, b in zip(built, portable):
+        assert np.array_equal(a, b)

@@ -17,7 +17,7 @@ SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
 def test_worker_and_thread_counts():
     assert [pipeline.workers(c) for c in (1, 2, 3, 8, 64)] == [1, 2, 3, 4, 4]
-    assert [pipeline.session_threads(c) for c in (1, 2, 3, 8, 64)] == [0, 1, 1, 2, 16]
+    assert [pipeline.session_threads(c) for c in (1, 2, 3, 8, 64)] == [1, 1, 1, 2, 16]
 
 
 def test_run_groups_gives_each_group_once_and_never_shares_a_state():
