@@ -529,6 +529,25 @@ int qd_many(int64_t n_tasks, void *const *ptrs, double *const *res_ptrs, const i
     return 0;
 }
 
+/*
+ * Per-column sums of two [rows, cols] float32 matrices (the per-channel cosines of MatMul/Gemm
+ * weights, whose channel axis is the last): rr[j] += r[i, j]^2, cc[j] += c[i, j]^2,
+ * rc[j] += r[i, j] * c[i, j] over i in order, in float64 (the caller zeroes the sums). Each
+ * column's sum runs down the rows in order, so vectorising across columns changes no bit.
+ */
+void qd_col_sums(const float *r, const float *c, int64_t rows, int64_t cols, double *rr, double *cc,
+                 double *rc) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *ri = r + i * cols, *ci = c + i * cols;
+        for (int64_t j = 0; j < cols; j++) {
+            double a = (double)ri[j], b = (double)ci[j];
+            rr[j] += a * a;
+            cc[j] += b * b;
+            rc[j] += a * b;
+        }
+    }
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernels",
                                     "qdiff's compiled metric reductions (used through ctypes).",
                                     -1, NULL};

@@ -37,7 +37,7 @@ from qdiff import metrics
 from qdiff.runner import available_cpus
 from qdiff.structs import DequantParams
 
-__all__ = ["CHUNK", "available", "many_row_metrics", "row_metrics", "unavailable_reason"]
+__all__ = ["CHUNK", "available", "column_sums", "many_row_metrics", "row_metrics", "unavailable_reason"]
 
 #: elements per chunk of a row (a row's partial sums are combined in this fixed order)
 CHUNK = 1 << 14
@@ -96,6 +96,8 @@ def _load() -> Any:
         lib.qd_metrics.restype = i32
         lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
         lib.qd_many.restype = i32
+        lib.qd_col_sums.argtypes = [p, p, i64, i64, p, p, p]
+        lib.qd_col_sums.restype = None
         _lib = lib
         return _lib
 
@@ -242,3 +244,35 @@ def _many(lib: Any, tasks: list[_Task], bins: int) -> int:
     return lib.qd_many(
         n, ptrs, res_ptrs, _ptr(ints), _ptr(qp), CHUNK, bins, _TINY, metrics.SQNR_CAP_DB, metrics.EPS
     )
+
+
+def column_sums(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Per-column Σr², Σc², Σrc of two ``[rows, cols]`` float32 matrices in float64, compiled,
+    without transposing them; None when the kernels are unavailable or the operands are not
+    C-contiguous float32. Each column runs down the rows in order within two fixed halves of the
+    rows, added at the end."""
+    lib = _load()
+    if lib is None or ref.dtype != np.float32 or cand.dtype != np.float32 or ref.shape != cand.shape or ref.ndim != 2:
+        return None
+    if not (ref.flags.c_contiguous and cand.flags.c_contiguous):
+        return None
+    rows, cols = ref.shape
+    sums = np.zeros((2, 3, cols))
+    # two halves of the rows whatever the machine (the same bits on one core or many); the
+    # second in a thread where there is a second core
+    halves = [(0, rows // 2), (rows // 2, rows)]
+
+    def part(k: int) -> None:
+        lo, hi = halves[k]
+        lib.qd_col_sums(_ptr(ref[lo:hi]), _ptr(cand[lo:hi]), hi - lo, cols, *(_ptr(sums[k, j]) for j in range(3)))
+
+    if ref.size >= _THREADED_MIN and available_cpus() > 1:
+        pending = _threads().submit(part, 1)
+        part(0)
+        pending.result()
+    else:
+        part(0)
+        part(1)
+    # the two halves are added in a fixed order: the same bits whichever thread ran which
+    total = sums[0] + sums[1]
+    return total[0], total[1], total[2]

@@ -97,7 +97,10 @@ def load_model(model: ModelLike, *, role: str = "model") -> LoadedModel:
     if isinstance(model, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
-        data = proto.SerializeToString() if byte_size(proto) < 2**31 - 1 else b""
+        try:
+            data = proto.SerializeToString()
+        except Exception:  # noqa: BLE001 - protobuf's EncodeError above 2 GB
+            data = b""
         return LoadedModel(proto, f"<{role} ModelProto>", None, hashlib.sha256(data).hexdigest())
     path = Path(model)
     if not path.exists():

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from qdiff.errors import ModelError, ProviderError
-from qdiff.graph import byte_size, external_dir, with_ir_version
+from qdiff.graph import external_dir, with_ir_version
 
 __all__ = [
     "Session",
@@ -141,8 +141,13 @@ def default_session_factory(options: SessionOptions | None = None) -> SessionFac
         folder = external_dir(model)
         if folder is not None:  # weights left on disk by load_model: onnxruntime reads them there
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-        if byte_size(model) < _PROTO_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
+        try:  # one serialization (counting the size first costs as much again on big models)
+            data = model.SerializeToString()
+        except Exception:  # noqa: BLE001 - protobuf's EncodeError above 2 GB
+            data = None
+        if data is not None and len(data) < _PROTO_LIMIT:
+            return ort.InferenceSession(data, sess_options=so, providers=providers)
+        del data
         with tempfile.TemporaryDirectory(prefix="qdiff-") as tmp:
             path = os.path.join(tmp, "model.onnx")
             onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")

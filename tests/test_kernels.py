@@ -387,3 +387,20 @@ def test_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
     assert len(built) == len(portable) == 30
     for a, b in zip(built, portable):
         assert np.array_equal(a, b)
+
+
+@needs_kernels
+def test_column_sums_equal_numpy_and_nan_weights_take_the_careful_path():
+    rng = np.random.default_rng(11)
+    ref = rng.standard_normal((300, 70)).astype(np.float32)
+    cand = (ref + 0.01 * rng.standard_normal(ref.shape)).astype(np.float32)
+    rr, cc, rc = _kernels.column_sums(ref, cand)
+    r64, c64 = ref.astype(np.float64), cand.astype(np.float64)
+    np.testing.assert_allclose(rr, (r64 * r64).sum(0), rtol=1e-13)
+    np.testing.assert_allclose(cc, (c64 * c64).sum(0), rtol=1e-13)
+    np.testing.assert_allclose(rc, (r64 * c64).sum(0), rtol=1e-13)
+    assert _kernels.column_sums(ref.T, cand.T) is None  # not contiguous: the caller's numpy path
+    cand[5, 3] = np.nan
+    got = compare_module._channel_cosines(ref, cand, 1)
+    want = [qm.sample_metrics(ref[:, k], cand[:, k]).cosine for k in range(ref.shape[1])]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
