@@ -477,6 +477,7 @@ def _measure(
         if parallel:
             folds += [_Folds(len(pairs), len(outputs), compiled, kernel_threads=1) for _ in range(n_workers - 1)]
             first_fold.folder.threads = 1
+        pipeline.release_free_memory()
         pipeline.run_groups(_groups_of(batches, eng.runs_per_group), run_next, folds, report)
     merged = folds[0]
     for other in folds[1:]:

@@ -353,6 +353,7 @@ def sensitivity(
             workers[0].folder.threads = 1
             workers += [Folds(kernel_threads=1) for _ in range(n_workers - 1)]
         groups = _groups_of(batches, batcher.runs_per_group)
+        pipeline.release_free_memory()
         pipeline.run_groups(groups, lambda group, folds: measure(group, False, folds), workers, report)
     for w in workers:
         w.folder.flush()
