@@ -76,28 +76,22 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
         _mm_storeu_pd(sad, sa0); _mm_storeu_pd(sad + 2, sa1);                              \
         _mm_storeu_pd(mx, mx0); _mm_storeu_pd(mx + 2, mx1);                                \
     }
-#define R4_F32(a0, a1)                                                                     \
+/* 4 values from p + i as two __m128d (float32 widened, or float64 loaded) */
+#define F32X4(p, x0, x1)                                                                   \
     {                                                                                      \
-        __m128 v_ = _mm_loadu_ps((const float *)r + i);                                    \
-        a0 = _mm_cvtps_pd(v_);                                                             \
-        a1 = _mm_cvtps_pd(_mm_movehl_ps(v_, v_));                                          \
+        __m128 v_ = _mm_loadu_ps((const float *)(p) + i);                                  \
+        x0 = _mm_cvtps_pd(v_);                                                             \
+        x1 = _mm_cvtps_pd(_mm_movehl_ps(v_, v_));                                          \
     }
-#define R4_F64(a0, a1)                                                                     \
+#define F64X4(p, x0, x1)                                                                   \
     {                                                                                      \
-        a0 = _mm_loadu_pd((const double *)r + i);                                          \
-        a1 = _mm_loadu_pd((const double *)r + i + 2);                                      \
+        x0 = _mm_loadu_pd((const double *)(p) + i);                                        \
+        x1 = _mm_loadu_pd((const double *)(p) + i + 2);                                    \
     }
-#define C4_F32(b0, b1)                                                                     \
-    {                                                                                      \
-        __m128 w_ = _mm_loadu_ps((const float *)c + i);                                    \
-        b0 = _mm_cvtps_pd(w_);                                                             \
-        b1 = _mm_cvtps_pd(_mm_movehl_ps(w_, w_));                                          \
-    }
-#define C4_F64(b0, b1)                                                                     \
-    {                                                                                      \
-        b0 = _mm_loadu_pd((const double *)c + i);                                          \
-        b1 = _mm_loadu_pd((const double *)c + i + 2);                                      \
-    }
+#define R4_F32(a0, a1) F32X4(r, a0, a1)
+#define R4_F64(a0, a1) F64X4(r, a0, a1)
+#define C4_F32(b0, b1) F32X4(c, b0, b1)
+#define C4_F64(b0, b1) F64X4(c, b0, b1)
 #define C4_LUT(b0, b1)                                                                     \
     {                                                                                      \
         b0 = _mm_set_pd(lut[(uint8_t)c[i + 1]], lut[(uint8_t)c[i]]);                       \

@@ -42,20 +42,22 @@ def test_run_groups_gives_each_group_once_and_never_shares_a_state():
     assert sum(1 for s in states if s["seen"]) > 1  # the work really was spread
 
 
+def _counted(n: int, taken: list[int]):
+    """Groups [0], [1], ... [n - 1], noting in ``taken`` each one handed out."""
+    for i in range(n):
+        taken.append(i)
+        yield [i]
+
+
 def test_run_groups_raises_the_first_failure_and_stops_taking_groups():
     taken: list[int] = []
-
-    def groups():
-        for i in range(1000):
-            taken.append(i)
-            yield [i]
 
     def work(group, state):
         if group[0] == 3:
             raise ValueError("bad sample 3")
 
     with pytest.raises(ValueError, match="bad sample 3"):
-        pipeline.run_groups(groups(), work, [object(), object()])
+        pipeline.run_groups(_counted(1000, taken), work, [object(), object()])
     assert len(taken) < 50  # groups are taken a few ahead of the work, not all at once
 
 
@@ -64,15 +66,10 @@ def test_run_groups_is_lazy():
     gate = threading.Event()
     taken: list[int] = []
 
-    def groups():
-        for i in range(20):
-            taken.append(i)
-            yield [i]
-
     def work(group, state):
         gate.wait(5)
 
-    t = threading.Thread(target=pipeline.run_groups, args=(groups(), work, [1, 2]))
+    t = threading.Thread(target=pipeline.run_groups, args=(_counted(20, taken), work, [1, 2]))
     t.start()
     time.sleep(0.2)
     ahead = len(taken)
