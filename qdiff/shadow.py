@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qdiff.graph import _topological
 from qdiff.structs import DequantParams, Entry, Region
 
-__all__ = ["build_shadow", "keep_float", "quantize_only"]
+__all__ = ["build_shadow", "keep_float", "prune_unread", "quantize_only"]
 
 
 class _Builder:
@@ -111,6 +111,24 @@ class _Builder:
                 g.output.append(onnx.ValueInfoProto(name=name))
         del g.value_info[:]  # stale after edits; onnxruntime infers what it needs
         return self.model
+
+
+def prune_unread(model: onnx.ModelProto, needed: set[str]) -> int:
+    """Drop, in place, the nodes whose outputs nothing reads (graph outputs and ``needed`` are
+    read), and the initializers only they read. onnxruntime runs such nodes all the same.
+    Returns how many nodes were dropped."""
+    g = model.graph
+    kept = _prune(list(g.node), needed | {o.name for o in g.output})
+    dropped = len(g.node) - len(kept)
+    if dropped:
+        del g.node[:]
+        g.node.extend(kept)
+        read = {x for n in kept for x in n.input} | {o.name for o in g.output} | needed
+        used = [t for t in g.initializer if t.name in read]
+        if len(used) < len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(used)
+    return dropped
 
 
 def _prune(nodes: list[onnx.NodeProto], needed: set[str]) -> list[onnx.NodeProto]:

@@ -200,3 +200,27 @@ def test_transformer_block_sensitivity():
     assert r.layers["gain"].isna().all()
     # isolated error never exceeds what accumulates on the way, by much
     assert (r.layers["isolated_cosine"] >= r.layers["accumulated_cosine"] - 1e-3).all()
+
+
+def test_prune_unread_drops_dead_nodes_and_their_weights_only():
+    """onnxruntime runs nodes nothing reads; the shadow's are dropped before it runs them."""
+    from qdiff.shadow import prune_unread
+
+    w = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "w_dead")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["y"], name="relu"),
+        helper.make_node("Neg", ["x"], ["n"], name="neg"),  # read by the dead Add only
+        helper.make_node("Add", ["n", "w_dead"], ["dead"], name="add"),
+        helper.make_node("Abs", ["x"], ["kept"], name="abs"),  # not an output, but asked for
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    assert prune_unread(model, {"kept"}) == 2
+    assert [n.name for n in model.graph.node] == ["relu", "abs"] and not model.graph.initializer
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.array([[-1, 2, -3, 4]], np.float32)
+    np.testing.assert_array_equal(sess.run(["y"], {"x": x})[0], np.maximum(x, 0))
+    assert prune_unread(model, {"kept"}) == 0
