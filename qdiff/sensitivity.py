@@ -240,11 +240,12 @@ def sensitivity(
     # float tensors and isolated outputs, the quantized model's layers
     s_keys = [("float", t) for t in f_names] + [("isolated", r.layer) for r in regions]
     s_plain: dict[int, TensorPair] = {}
+    region_of = {r.layer: r for r in regions}
     for i, (kind, name) in enumerate(s_keys):
         if kind == "float":
             s_plain[i] = TensorPair(layer=name, op_type="", float_tensor=name, quant_tensor=name)
         else:
-            r = next(r for r in regions if r.layer == name)
+            r = region_of[name]
             dq = r.output_dequant or (iso_int[name][1] if iso_int.get(name) else None)
             s_plain[i] = TensorPair(layer=name, op_type="", float_tensor=r.float_output, quant_tensor=iso_read[name], dequant=dq)
     s_index = {key: i for i, key in enumerate(s_keys)}
