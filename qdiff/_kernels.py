@@ -91,9 +91,7 @@ def _load() -> Any:
         except OSError as exc:
             _reason = f"the C extension qdiff._ckernels could not be loaded ({exc})"
             return None
-        p, i64, f32, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
-        lib.qd_metrics.argtypes = [p, i32, p, i32, f32, f32, i64, i64, i64, i64, i64, f64, f64, f64, p]
-        lib.qd_metrics.restype = i32
+        p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
         lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
         lib.qd_many.restype = i32
         lib.qd_col_sums.argtypes = [p, p, i64, i64, p, p, p]
@@ -205,23 +203,22 @@ def many_row_metrics(
     if lib is None:
         return None
     tasks = [_Task(r, c, d) for r, c, d in stacks]
-    ready = [t for t in tasks if t.res is not None]
-    if ready:
-        split = threads != 1 and available_cpus() > 1 and sum(t.r.size for t in ready) >= _THREADED_MIN
-        if split and len(ready) == 1 and ready[0].r.shape[0] > 1:
-            t = ready[0]
-            k, half = t.r.shape[0], t.r.shape[0] // 2
-            head = (_ptr(t.r), _TYPES[t.r.dtype], _ptr(t.c), _TYPES[t.c.dtype], t.scale, t.zp, t.r.shape[1], CHUNK, bins)
-            tail = (_TINY, metrics.SQNR_CAP_DB, metrics.EPS, _ptr(t.res))
-            pending = _threads().submit(lib.qd_metrics, *head, half, k, *tail)
-            codes = [lib.qd_metrics(*head, 0, half, *tail), pending.result()]
-        elif split and len(ready) > 1:
-            sizes = np.cumsum([t.r.size for t in ready])
-            cut = int(np.searchsorted(sizes, sizes[-1] / 2)) + 1
-            pending = _threads().submit(_many, lib, ready[cut:], bins)
-            codes = [_many(lib, ready[:cut], bins), pending.result()]
+    # jobs: (r, c, res, scale, zp) row ranges; one stack of several rows is cut in two halves so
+    # that both threads have work (rows are independent: the same bits either way)
+    jobs = [(t.r, t.c, t.res, t.scale, t.zp) for t in tasks if t.res is not None]
+    if jobs:
+        split = threads != 1 and available_cpus() > 1 and sum(j[0].size for j in jobs) >= _THREADED_MIN
+        if split and len(jobs) == 1 and jobs[0][0].shape[0] > 1:
+            r, c, res, scale, zp = jobs[0]
+            h = r.shape[0] // 2
+            jobs = [(r[:h], c[:h], res[:h], scale, zp), (r[h:], c[h:], res[h:], scale, zp)]
+        if split and len(jobs) > 1:
+            sizes = np.cumsum([j[0].size for j in jobs])
+            cut = min(len(jobs) - 1, int(np.searchsorted(sizes, sizes[-1] / 2)) + 1)
+            pending = _threads().submit(_many, lib, jobs[cut:], bins)
+            codes = [_many(lib, jobs[:cut], bins), pending.result()]
         else:
-            codes = [_many(lib, ready, bins)]
+            codes = [_many(lib, jobs, bins)]
         if any(codes):  # pragma: no cover - the type table above only passes supported pairs
             if -2 in codes:
                 raise MemoryError("the compiled kernels could not allocate their scratch")
@@ -229,21 +226,20 @@ def many_row_metrics(
     return [t.result() for t in tasks]
 
 
-def _many(lib: Any, tasks: list[_Task], bins: int) -> int:
-    if not tasks:
+def _many(lib: Any, jobs: list[tuple], bins: int) -> int:
+    """One call of ``qd_many`` over ``(r, c, res, scale, zp)`` jobs (C-contiguous row ranges)."""
+    if not jobs:
         return 0
-    n = len(tasks)
+    n = len(jobs)
     ptrs = (ctypes.c_void_p * (2 * n))()
     res_ptrs = (ctypes.c_void_p * n)()
     ints = np.empty(4 * n, dtype=np.int64)
     qp = np.empty(2 * n, dtype=np.float32)
-    for i, t in enumerate(tasks):
-        ptrs[2 * i], ptrs[2 * i + 1], res_ptrs[i] = _ptr(t.r), _ptr(t.c), _ptr(t.res)
-        ints[4 * i : 4 * i + 4] = (_TYPES[t.r.dtype], _TYPES[t.c.dtype], t.r.shape[1], t.r.shape[0])
-        qp[2 * i], qp[2 * i + 1] = t.scale, t.zp
-    return lib.qd_many(
-        n, ptrs, res_ptrs, _ptr(ints), _ptr(qp), CHUNK, bins, _TINY, metrics.SQNR_CAP_DB, metrics.EPS
-    )
+    for i, (r, c, res, scale, zp) in enumerate(jobs):
+        ptrs[2 * i], ptrs[2 * i + 1], res_ptrs[i] = _ptr(r), _ptr(c), _ptr(res)
+        ints[4 * i : 4 * i + 4] = (_TYPES[r.dtype], _TYPES[c.dtype], r.shape[1], r.shape[0])
+        qp[2 * i], qp[2 * i + 1] = scale, zp
+    return lib.qd_many(n, ptrs, res_ptrs, _ptr(ints), _ptr(qp), CHUNK, bins, _TINY, metrics.SQNR_CAP_DB, metrics.EPS)
 
 
 def column_sums(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 from qdiff import _kernels, metrics, pipeline
 from qdiff.errors import QdiffError, UsageError
 from qdiff.fused import FusedUnavailable, build_fused
-from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, external_dir, load_model
+from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, external_dir, initializer_bytes, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import match_models
 from qdiff.result import (
@@ -533,15 +533,9 @@ def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: i
     return max(_finite_max_diff(_real(d, o), _real(tapped[k], o)) for k, (d, o) in enumerate(zip(deployed, outputs)))
 
 
-def _reduce_rows(
-    acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq, compiled: bool, threads: int | None = None
-) -> None:
-    """Fold the samples of one pair (one per row of ``refs``/``cands``) into ``acc``."""
-    if compiled:
-        got = _kernels.row_metrics(refs, cands, dq, threads=threads)
-        if got is not None:
-            _fold_rows(acc, got, refs.shape[1])
-            return
+def _reduce_rows(acc: metrics.TensorAccumulator, refs: np.ndarray, cands: np.ndarray, dq) -> None:
+    """Fold the samples of one pair (one per row of ``refs``/``cands``) into ``acc`` with numpy
+    (where the compiled kernels are unavailable)."""
     if dq is not None:
         cands = dq.dequantize(cands)
     if refs.shape[1] > _ROWS_MAX_ELEMENTS:
@@ -1008,18 +1002,6 @@ _PREFUSE_MAX_BYTES = 256 << 20
 _PREFUSE_MIN_RUNS = 64
 
 
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's initializers, from their shapes (no serialization)."""
-    total = 0
-    for t in model.graph.initializer:
-        try:
-            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except Exception:  # noqa: BLE001 - strings, undefined types
-            item = 1
-        total += int(np.prod(t.dims, dtype=np.int64)) * item
-    return total
-
-
 def prefuse_pays(runs: int | None) -> bool:
     """Is tapping onnxruntime's fused graph worth its fixed cost for ``runs`` runs (None: unknown)?
 
@@ -1043,7 +1025,7 @@ def _prefused(q_proto: onnx.ModelProto, taps: dict, qg: Graph) -> tuple[onnx.Mod
     """
     # big models: optimising, saving, reloading and checking a second copy costs more than the
     # fused taps save (measured on a 2 GB MLP: 37 s -> 44 s)
-    if external_dir(q_proto) is not None or _weight_bytes(q_proto) > _PREFUSE_MAX_BYTES:
+    if external_dir(q_proto) is not None or initializer_bytes(q_proto) > _PREFUSE_MAX_BYTES:
         return None
     try:
         import tempfile
@@ -1232,7 +1214,7 @@ class RowFolder:
         got = _kernels.many_row_metrics([(r, c, dq) for _, r, c, dq in due], threads=self.threads) if self.compiled else None
         if got is None:
             for acc, refs, cands, dq in due:
-                _reduce_rows(acc, refs, cands, dq, False)
+                _reduce_rows(acc, refs, cands, dq)
             return
         for (acc, refs, _, _), rows in zip(due, got):
             _fold_rows(acc, rows, refs.shape[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -20,7 +21,9 @@ from onnx import numpy_helper
 
 from qdiff.errors import ModelError
 
-__all__ = ["LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike", "byte_size", "external_dir"]
+__all__ = [
+    "LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike", "byte_size", "external_dir", "initializer_bytes",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,21 @@ def byte_size(model: onnx.ModelProto) -> int:
         return model.ByteSize()
     except Exception:  # noqa: BLE001 - protobuf's EncodeError above 2 GB
         return 2**31
+
+
+def initializer_bytes(model: onnx.ModelProto, where: Callable[[onnx.TensorProto], bool] | None = None) -> int:
+    """Bytes of the model's initializers (those ``where`` accepts), from their shapes and element
+    types: no data is read or serialized."""
+    total = 0
+    for t in model.graph.initializer:
+        if where is not None and not where(t):
+            continue
+        try:
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:  # noqa: BLE001 - strings, undefined types
+            item = 1
+        total += int(np.prod(t.dims, dtype=np.int64)) * item
+    return total
 
 
 def external_dir(model: onnx.ModelProto) -> str | None:

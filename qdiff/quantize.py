@@ -44,7 +44,7 @@ import onnx
 
 from qdiff.config import QuantConfig, LayerConfig
 from qdiff.errors import QdiffError, UsageError
-from qdiff.graph import Graph, ModelLike, load_model
+from qdiff.graph import Graph, ModelLike, initializer_bytes, load_model
 from qdiff.inputs import DataLike, input_specs, make_source
 from qdiff.passes import PassResult
 
@@ -452,11 +452,8 @@ def _check(float_model: onnx.ModelProto, qm: onnx.ModelProto, config: QuantConfi
 
 def _float_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of float initializers with two or more dimensions (the weights)."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) and len(t.dims) >= 2:
-            total += int(np.prod(t.dims)) * (2 if t.data_type == onnx.TensorProto.FLOAT16 else 4 if t.data_type == onnx.TensorProto.FLOAT else 8)
-    return total
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    return initializer_bytes(model, lambda t: t.data_type in floats and len(t.dims) >= 2)
 
 
 def _is_weight_dq(g: Graph, node: onnx.NodeProto) -> bool:

@@ -97,18 +97,14 @@ class _Builder:
         g = self.model.graph
         nodes = list(g.node) + self.nodes
         available = {i.name for i in g.input} | {t.name for t in g.initializer}
-        if prune:
-            nodes = _prune(nodes, {o.name for o in g.output} | set(extra_outputs))
-            read = {x for n in nodes for x in n.input}
-            kept = [t for t in g.initializer if t.name in read]
-            del g.initializer[:]
-            g.initializer.extend(kept)
         del g.node[:]
         g.node.extend(_topological(nodes, available))
         present = {o.name for o in g.output}
         for name in extra_outputs:
             if name not in present:
                 g.output.append(onnx.ValueInfoProto(name=name))
+        if prune:
+            prune_unread(self.model, set())
         del g.value_info[:]  # stale after edits; onnxruntime infers what it needs
         return self.model
 
@@ -123,11 +119,11 @@ def prune_unread(model: onnx.ModelProto, needed: set[str]) -> int:
     if dropped:
         del g.node[:]
         g.node.extend(kept)
-        read = {x for n in kept for x in n.input} | {o.name for o in g.output} | needed
-        used = [t for t in g.initializer if t.name in read]
-        if len(used) < len(g.initializer):
-            del g.initializer[:]
-            g.initializer.extend(used)
+    read = {x for n in kept for x in n.input} | {o.name for o in g.output} | needed
+    used = [t for t in g.initializer if t.name in read]
+    if len(used) < len(g.initializer):
+        del g.initializer[:]
+        g.initializer.extend(used)
     return dropped
 
 
