@@ -341,9 +341,32 @@ static int finish_row(const double *parts, int64_t n_chunks, const int64_t *hist
             ps += p[b];
             qs += q[b];
         }
+        /* pb is a function of the bin's count alone (n, eps and ps are the row's), so the log of
+         * a count seen before in this row is looked up: the same value bit for bit, and most
+         * bins of a small tensor share a few small counts (0 in the tails) */
+        double lp_seen[64], lq_seen[64];
+        uint64_t have_p = 0, have_q = 0;
         for (int64_t b = 0; b < bins; b++) {
             double pb = p[b] / ps, qb = q[b] / qs;
-            kl += pb * (log(pb) - log(qb));
+            int64_t hp = hist[b], hq = hist[bins + b];
+            double lp, lq;
+            if (hp < 64) {
+                if (!((have_p >> hp) & 1u)) {
+                    lp_seen[hp] = log(pb);
+                    have_p |= (uint64_t)1 << hp;
+                }
+                lp = lp_seen[hp];
+            } else
+                lp = log(pb);
+            if (hq < 64) {
+                if (!((have_q >> hq) & 1u)) {
+                    lq_seen[hq] = log(qb);
+                    have_q |= (uint64_t)1 << hq;
+                }
+                lq = lq_seen[hq];
+            } else
+                lq = log(qb);
+            kl += pb * (lp - lq);
         }
         kl = kl > 0.0 ? kl : 0.0;
     }

@@ -20,6 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -135,6 +136,8 @@ def compare(
     )
     if isinstance(tensor_map, (str, os.PathLike)):
         tensor_map = load_tensor_map(tensor_map)
+    local = workers == 1 and executor is None
+    setup = _SetUp(session_factory, q_loaded, engine == "numpy" and prefuse_pays(source.count)) if local else None
     matching = match_models(fg, qg, tensor_map)
     pairs = list(matching.pairs)
     outputs = list(matching.outputs)
@@ -143,8 +146,10 @@ def compare(
     weights = _weights_frame(matching.weights)
     matching = dataclasses.replace(matching, weights=())
 
-    if workers == 1 and executor is None:
-        m = _measure(session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory, qg)
+    if local:
+        m = _measure(
+            session_factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory, qg, setup=setup
+        )
     else:
         m = _measure_sharded(
             float_model, quant_model, data, tensor_map, workers, engine, options,
@@ -393,13 +398,16 @@ class _Folds:
 
 
 def _measure(
-    factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None, qg=None, cpus=None
+    factory, f_loaded, q_loaded, fg, pairs, outputs, source, engine, progress, max_memory=None, qg=None, cpus=None,
+    setup: _SetUp | None = None,
 ) -> _Measured:
     """One pass over ``source``: run both models per group of runs, fold every pair into its accumulator.
 
     The first group runs alone (it settles batching, the fused-graph taps and the deployed-model
     check); the others go to :func:`qdiff.pipeline.run_groups` workers, each folding into its own
     :class:`_Folds` (one worker for the fused engine, whose runs reduce inside onnxruntime).
+    ``setup``: the deployed-model session and onnxruntime's fused graph, prepared while the
+    caller matched the graphs (None: made here when needed).
     """
     notes: list[str] = []
     engine_used = "numpy"
@@ -416,8 +424,9 @@ def _measure(
     compiled = _kernels.available()
     if eng is None:
         eng = _NumpyEngine(
-            factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg, prefuse=prefuse_pays(source.count)
-        )
+            factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg, prefuse=prefuse_pays(source.count),
+            optimized=setup.optimized if setup is not None else None,
+        )  # fmt: skip
         notes += eng.notes
     first_fold = _Folds(len(pairs), len(outputs), compiled)
     deployed_diff: float | None = None
@@ -446,7 +455,8 @@ def _measure(
             first_fold.fold(step)
             t0 = time.perf_counter()
         if outputs and all(v is not None for v in qouts):
-            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, feed0, len(group))
+            deployed = setup.deployed if setup is not None else None
+            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, feed0, len(group), deployed)
         report(len(group))
 
     def run_next(group: list, fold: _Folds) -> None:
@@ -493,6 +503,27 @@ def _measure(
     )  # fmt: skip
 
 
+class _SetUp:
+    """What compare needs from the quantized model whatever the matching finds, prepared on a
+    background thread while the caller matches the graphs and builds the weight table (the
+    onnxruntime work releases the GIL, so on two cores it costs no wall time): onnxruntime's fused
+    graph (:func:`optimized_model`, when ``prefuse``) and the untapped session of the deployed-model
+    check. Not for models above :data:`_PREFUSE_MAX_BYTES` or with weights on disk (their sessions
+    open after the weight table is freed, as before); the futures are None then."""
+
+    def __init__(self, factory, q_loaded, prefuse: bool):
+        self.optimized: Future | None = None
+        self.deployed: Future | None = None
+        proto = q_loaded.proto
+        if external_dir(proto) is not None or initializer_bytes(proto) > _PREFUSE_MAX_BYTES:
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-setup")
+        if prefuse:  # first: the engine waits for it before the first group
+            self.optimized = pool.submit(optimized_model, proto)
+        self.deployed = pool.submit(open_session, factory, proto, q_loaded.label)
+        pool.shutdown(wait=False)
+
+
 def _groups_of(items: Iterable, size: int) -> Iterable[list]:
     """Consecutive lists of ``size`` items (the last may be shorter)."""
     group: list = []
@@ -518,12 +549,16 @@ def _run_group(eng, group, first, notes, engine_used, factory, f_loaded, q_loade
         return eng.run_group(group, True), eng, ("numpy" if first else "fused+numpy")
 
 
-def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: int) -> float:
+def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: int, deployed=None) -> float:
     """Is the tapped quantized model still what the deployed one computes? (max |difference| of the outputs)
 
-    Checked on the first run of the first group (``runs`` runs were batched into ``feed``).
+    Checked on the first run of the first group (``runs`` runs were batched into ``feed``), against
+    the quantized model as given, untapped (``deployed``: a future of its session, else opened here).
     """
-    deployed_sess, _ = open_session(factory, getattr(eng, "deployed_model", q_loaded.proto), q_loaded.label)
+    if deployed is not None:
+        deployed_sess, _ = deployed.result()
+    else:
+        deployed_sess, _ = open_session(factory, q_loaded.proto, q_loaded.label)
     names = [o.quant_tensor for o in outputs]
     tapped = list(quant_outputs)
     if runs > 1 and getattr(eng, "batched", False):
@@ -761,7 +796,7 @@ class _NumpyEngine(_Engine):
 
     def __init__(
         self, factory, f_loaded, q_loaded, pairs, outputs, max_memory: int | None = None, fg: Graph | None = None,
-        compiled: bool = False, qg: Graph | None = None, prefuse: bool = True,
+        compiled: bool = False, qg: Graph | None = None, prefuse: bool = True, optimized: Future | None = None,
     ):  # fmt: skip
         self.pairs, self.outputs, self.compiled = pairs, outputs, compiled
         keyed = [(i, p) for i, p in enumerate(pairs)] + [(-1 - k, p) for k, p in enumerate(outputs)]
@@ -781,7 +816,10 @@ class _NumpyEngine(_Engine):
         q_model = q_loaded.proto
         self._original_names = {t.quant_tensor for t in self.tap_pairs.values()}
         self.unfused = None  # (original model, taps) kept to check the prefused taps once
-        prefused = _prefused(q_loaded.proto, self.tap_pairs, qg) if prefuse and qg is not None else None
+        prefused = None
+        if prefuse and qg is not None:  # onnxruntime's fused graph: from the set-up thread where it ran
+            opt = optimized.result() if optimized is not None else optimized_model(q_loaded.proto)
+            prefused = _prefused(q_loaded.proto, self.tap_pairs, qg, opt) if opt is not None else None
         if prefused is not None:
             self.unfused = (q_loaded.proto, dict(self.tap_pairs), factory)
             q_model, self.tap_pairs = prefused
@@ -800,10 +838,6 @@ class _NumpyEngine(_Engine):
     @property
     def runs_per_group(self) -> int:
         return self.batcher.runs_per_group
-
-    @property
-    def deployed_model(self) -> onnx.ModelProto:
-        return self.batcher.untapped[1]
 
     @property
     def batched(self) -> bool:
@@ -928,16 +962,33 @@ def _batch_mismatch(batched: list[dict], singles: list[list[dict]], runs: int) -
                 return f"tensor '{name}' has shape {list(b.shape)} for {runs} runs, {list(a0.shape)} for one"
             if any(a.shape != a0.shape for a in alone):
                 return f"tensor '{name}' changes shape from run to run"
-            x = b[: checked * a0.shape[0]].astype(np.float64).ravel()
-            y = np.concatenate([a.astype(np.float64).ravel() for a in alone])
-            ok = np.isfinite(y)
-            if not np.array_equal(ok, np.isfinite(x)):
-                return "non-finite values differ between batched and single runs"
-            if ok.any():
-                err = np.linalg.norm(x[ok] - y[ok])
-                if err > 1e-3 * np.linalg.norm(y[ok]) + 1e-12:
-                    return "values differ between batched and single runs (an operator mixes samples across the batch axis)"
+            why = _runs_differ(b[: checked * a0.shape[0]].ravel(), np.concatenate([a.ravel() for a in alone]))
+            if why is not None:
+                return why
     return None
+
+
+def _runs_differ(x: np.ndarray, y: np.ndarray) -> str | None:
+    """Why a tensor's values from a batched run (``x``) are not those of its runs alone (``y``):
+    non-finite in other places, or more than 1e-3 relative L2 apart. In float32 (quick, ample for
+    the tolerance), float64 where float32 overflows; None when they agree."""
+    wide = np.float64 if x.dtype == np.float64 else np.float32
+    for dtype in (wide, np.float64):
+        xf, yf = x.astype(dtype, copy=False), y.astype(dtype, copy=False)
+        if x.dtype.kind == "f":
+            ok = np.isfinite(yf)
+            if not np.array_equal(ok, np.isfinite(xf)):
+                return "non-finite values differ between batched and single runs"
+            if not ok.all():
+                xf, yf = xf[ok], yf[ok]
+        with np.errstate(over="ignore", invalid="ignore"):
+            d = xf - yf
+            err, ref = float(np.dot(d, d)), float(np.dot(yf, yf))
+        if np.isfinite(err) and np.isfinite(ref):
+            if err > (1e-3 * np.sqrt(ref) + 1e-12) ** 2:
+                return "values differ between batched and single runs (an operator mixes samples across the batch axis)"
+            return None
+    return "values differ between batched and single runs (an operator mixes samples across the batch axis)"
 
 
 def _batch_axis_ok(model: onnx.ModelProto) -> bool:
@@ -1011,18 +1062,10 @@ def prefuse_pays(runs: int | None) -> bool:
     return runs is None or runs >= _PREFUSE_MIN_RUNS
 
 
-def _prefused(q_proto: onnx.ModelProto, taps: dict, qg: Graph) -> tuple[onnx.ModelProto, dict] | None:
-    """onnxruntime's own fused version of the quantized model, and each tap's tensor in it.
-
-    Tapping a QuantizeLinear output stops onnxruntime fusing the DQ -> Conv -> Q group that reads
-    it, so the tapped model would run its convolutions in float. Instead the model (batch axis
-    symbolic) is optimized once by onnxruntime (``ORT_ENABLE_EXTENDED``, saved), and the taps are
-    found in that graph: a tensor kept under its name, a QuantizeLinear kept under its node name,
-    or the fused ``QLinear*`` node named after the original target (through a Relu/Clip), read
-    with that node's output scale and zero point (onnxruntime turns int8 into uint8 with the
-    zero point shifted by 128). None where any tap cannot be found, none is read from a fused
-    node, or the model keeps its weights on disk; the caller then taps the model as given.
-    """
+def optimized_model(q_proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's fused version of ``q_proto`` (batch axis symbolic, ``ORT_ENABLE_EXTENDED``,
+    saved and reloaded); None for a model that keeps its weights on disk or is above
+    :data:`_PREFUSE_MAX_BYTES`, or when onnxruntime fails."""
     # big models: optimising, saving, reloading and checking a second copy costs more than the
     # fused taps save (measured on a 2 GB MLP: 37 s -> 44 s)
     if external_dir(q_proto) is not None or initializer_bytes(q_proto) > _PREFUSE_MAX_BYTES:
@@ -1039,8 +1082,28 @@ def _prefused(q_proto: onnx.ModelProto, taps: dict, qg: Graph) -> tuple[onnx.Mod
             so.optimized_model_filepath = path
             so.log_severity_level = 3
             ort.InferenceSession(_with_batch_axis(q_proto).SerializeToString(), so, providers=["CPUExecutionProvider"])
-            opt = onnx.load(path)
+            return onnx.load(path)
     except Exception:  # noqa: BLE001 - optimisation is an optimisation: tap the model as given
+        return None
+
+
+def _prefused(
+    q_proto: onnx.ModelProto, taps: dict, qg: Graph, optimized: onnx.ModelProto | None = None
+) -> tuple[onnx.ModelProto, dict] | None:
+    """onnxruntime's own fused version of the quantized model, and each tap's tensor in it.
+
+    Tapping a QuantizeLinear output stops onnxruntime fusing the DQ -> Conv -> Q group that reads
+    it, so the tapped model would run its convolutions in float. Instead the model (batch axis
+    symbolic) is optimized once by onnxruntime (``ORT_ENABLE_EXTENDED``, saved), and the taps are
+    found in that graph: a tensor kept under its name, a QuantizeLinear kept under its node name,
+    or the fused ``QLinear*`` node named after the original target (through a Relu/Clip), read
+    with that node's output scale and zero point (onnxruntime turns int8 into uint8 with the
+    zero point shifted by 128). None where any tap cannot be found, none is read from a fused
+    node, or :func:`optimized_model` gives none; the caller then taps the model as given.
+    ``optimized``: :func:`optimized_model`'s result where the caller has it already.
+    """
+    opt = optimized if optimized is not None else optimized_model(q_proto)
+    if opt is None:
         return None
     produced = {o for n in opt.graph.node for o in n.output} | {i.name for i in opt.graph.input}
     producer = {o: n for n in opt.graph.node for o in n.output}
@@ -1375,10 +1438,19 @@ def _frame(
                 row[col] = s[col]
         row["note"] = broken.get(key, s.get("note", ""))
         rows.append(row)
-    df = pd.DataFrame(rows, columns=columns)
-    for col in ("cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    return df
+    data: dict[str, Any] = {}
+    for col in columns:
+        values = [r.get(col) for r in rows]
+        if col in _METRIC_COLUMNS:  # None (no samples) as NaN, every metric column float
+            data[col] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+        else:
+            data[col] = values
+    return pd.DataFrame(data, columns=columns)
+
+
+_METRIC_COLUMNS = (
+    "cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst",
+)  # fmt: skip
 
 
 def _rows_metrics(refs: np.ndarray, cands: np.ndarray) -> list[metrics.SampleMetrics]:

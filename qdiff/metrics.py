@@ -627,6 +627,62 @@ def sample_metrics(
 _FIXED_SHIFT = 1074  # every finite float64 is an integer multiple of 2**-1074
 
 
+_EXP_BINS = 2 * 2100  # (frexp exponent + 1075) in 2..2099 (zeros: 1075), times two signs
+_EXACT_CHUNK = 1 << 20  # rows per bincount pass: sums of 26-bit halves stay below 2**53 (exact in float64)
+
+
+def add_exact_columns(sums: list[_ExactSum], v: np.ndarray) -> None:
+    """Add column ``j`` of the float64 matrix ``v`` (rows x len(sums)) to ``sums[j]``, exactly.
+
+    The same as adding the values one by one (any order). Every finite value is ``mant * 2**(e-53)``
+    with ``mant`` an integer below 2**53 (``np.frexp``); the mantissas are split into 26/27-bit
+    halves and summed per (column, sign, exponent) with ``np.bincount``, whose float64 sums of at
+    most 2**20 such halves are exact; only the few non-empty bins reach Python integers.
+
+    Raises:
+        ValueError: a value is NaN (nothing is added then).
+    """
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != len(sums):
+        raise ValueError(f"expected a matrix of {len(sums)} columns, got shape {v.shape}")
+    if v.size <= 16:  # one by one is quicker for a few values
+        if np.isnan(v).any():
+            raise ValueError("cannot accumulate NaN")
+        for row in v.tolist():
+            for s, x in zip(sums, row):
+                s.add(x)
+        return
+    fin = np.isfinite(v)
+    if not fin.all():
+        if np.isnan(v).any():
+            raise ValueError("cannot accumulate NaN")
+        for j, s in enumerate(sums):
+            s.pos_inf += int(np.count_nonzero(v[:, j] == math.inf))
+            s.neg_inf += int(np.count_nonzero(v[:, j] == -math.inf))
+        v = np.where(fin, v, 0.0)
+    cols = v.shape[1]
+    col_base = (np.arange(cols, dtype=np.int64) * _EXP_BINS)[None, :]
+    for lo_row in range(0, v.shape[0], _EXACT_CHUNK):
+        m, e = np.frexp(v[lo_row : lo_row + _EXACT_CHUNK])
+        mant = (m * 2.0**53).astype(np.int64)  # exact: m has 53 significant bits
+        neg = mant < 0
+        a = np.abs(mant)
+        key = (col_base + (e.astype(np.int64) + 1075) * 2 + neg).ravel()
+        bins, where = np.unique(key, return_inverse=True)
+        hi = np.bincount(where, weights=(a >> 26).astype(np.float64).ravel(), minlength=bins.size)
+        lo = np.bincount(where, weights=(a & ((1 << 26) - 1)).astype(np.float64).ravel(), minlength=bins.size)
+        for b, h, l in zip(bins.tolist(), hi.tolist(), lo.tolist()):
+            if not (h or l):
+                continue
+            total = (int(h) << 26) + int(l)
+            col, rest = divmod(b, _EXP_BINS)
+            exp, sign = rest // 2 - 1075, rest % 2
+            shift = exp - 53 + _FIXED_SHIFT
+            # a negative shift only happens for subnormals, whose integers are multiples of 2**-shift
+            total = total << shift if shift >= 0 else total >> -shift
+            sums[col].fixed += -total if sign else total
+
+
 class _ExactSum:
     """Exact, order-independent running sum of float64 values.
 
@@ -654,35 +710,7 @@ class _ExactSum:
 
     def add_many(self, x: np.ndarray) -> None:
         """Add every value of a float64 array; the same as adding them one by one, in any order."""
-        x = np.asarray(x, dtype=np.float64).ravel()
-        if x.size <= 16:  # one by one is quicker for a few values
-            for v in x.tolist():
-                self.add(v)
-            return
-        fin = np.isfinite(x)
-        if not fin.all():
-            if np.isnan(x).any():
-                raise ValueError("cannot accumulate NaN")
-            self.pos_inf += int(np.count_nonzero(x == math.inf))
-            self.neg_inf += int(np.count_nonzero(x == -math.inf))
-            x = x[fin]
-        x = x[x != 0.0]
-        if x.size == 0:
-            return
-        # x = m * 2**e exactly, 0.5 <= |m| < 1, so m * 2**53 is an integer below 2**53 and
-        # x = (m * 2**53) * 2**(e - 53); sums of at most 512 such integers fit in int64
-        m, e = np.frexp(x)
-        mant = (m * 2.0**53).astype(np.int64)
-        order = np.argsort(e, kind="stable")
-        e_sorted, mant_sorted = e[order], mant[order]
-        bounds = np.flatnonzero(np.diff(e_sorted)) + 1
-        for lo_i, hi_i in zip(np.r_[0, bounds].tolist(), np.r_[bounds, e_sorted.size].tolist()):
-            total = 0
-            for j in range(lo_i, hi_i, 512):
-                total += int(mant_sorted[j : min(hi_i, j + 512)].sum())
-            shift = int(e_sorted[lo_i]) - 53 + _FIXED_SHIFT
-            # a negative shift only happens for subnormals, whose integers are multiples of 2**-shift
-            self.fixed += total << shift if shift >= 0 else total >> -shift
+        add_exact_columns([self], np.asarray(x, dtype=np.float64).reshape(-1, 1))
 
     def merged(self, other: _ExactSum) -> _ExactSum:
         out = _ExactSum()
@@ -757,7 +785,10 @@ class TensorSummary:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a plain dict (ints, floats, None, str)."""
-        return dataclasses.asdict(self)
+        return {f: getattr(self, f) for f in _SUMMARY_FIELDS}
+
+
+_SUMMARY_FIELDS = tuple(f.name for f in dataclasses.fields(TensorSummary))
 
 
 class TensorAccumulator:
@@ -884,11 +915,8 @@ class TensorAccumulator:
         self._pending = []
         self._pending_rows = 0
         cos, mse, mae, mx, sqnr, kl = (v[:, j] for j in range(6))
-        self._cos_sum.add_many(cos)
-        self._mse_sum.add_many(mse)
-        self._mae_sum.add_many(mae)
-        self._sqnr_sum.add_many(sqnr)
-        self._kl_sum.add_many(kl)
+        sums = [self._cos_sum, self._mse_sum, self._mae_sum, self._sqnr_sum, self._kl_sum]
+        add_exact_columns(sums, v[:, [0, 1, 2, 4, 5]])
         self._cos_min = min(self._cos_min, float(cos.min()))
         self._mse_max = max(self._mse_max, float(mse.max()))
         self._mae_max = max(self._mae_max, float(mae.max()))

@@ -787,3 +787,31 @@ def test_rows_agree_with_per_sample_metrics_and_do_not_depend_on_grouping():
     alone = [sample_metrics_rows(r[i : i + 1], c[i : i + 1])[0] for i in range(12)]
     halves = sample_metrics_rows(r[:5], c[:5]) + sample_metrics_rows(r[5:], c[5:])
     assert alone == rows == halves
+
+
+def test_exact_column_sums_equal_rational_sums():
+    """add_exact_columns: per column, exactly the rational sum of the values (and inf counts),
+    on subnormals, huge values, zeros of both signs, infinities and both signs."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(11)
+    cols = [
+        rng.uniform(-1, 1, 700) * 10.0 ** rng.integers(-320, 308, 700),  # subnormals to ~1e308
+        np.r_[rng.random(690), [0.0, -0.0, 5e-324, -5e-324, 1.7e308, 1.7e308, -1e-310, 2.0**-1022, 3.0, -3.0]],
+        np.r_[rng.normal(size=697), [np.inf, -np.inf, np.inf]],
+    ]
+    v = np.column_stack(cols)
+    sums = [qm._ExactSum() for _ in cols]
+    qm.add_exact_columns(sums, v[:400])
+    qm.add_exact_columns(sums, v[400:])
+    for s, col in zip(sums, cols):
+        fin = col[np.isfinite(col)]
+        want = sum((Fraction(float(x)) for x in fin), Fraction(0))
+        assert Fraction(s.fixed, 1 << qm._FIXED_SHIFT) == want
+        assert (s.pos_inf, s.neg_inf) == (int(np.sum(col == np.inf)), int(np.sum(col == -np.inf)))
+    one = qm._ExactSum()
+    for x in cols[0]:
+        one.add(float(x))
+    assert one.fixed == sums[0].fixed
+    with pytest.raises(ValueError):
+        qm.add_exact_columns([qm._ExactSum()], np.array([[1.0]] * 20 + [[np.nan]]))
