@@ -342,9 +342,10 @@ def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
 
 
 @needs_kernels
-def test_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
-    """The SSE2 sums/min-max (x86-64) and the portable C loops (other CPUs) compute the same bits:
-    a copy of the extension built without SSE2 is compared on every type pair and row length."""
+def test_avx2_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
+    """The AVX2 loops (chosen at run time where the CPU has them), the SSE2 sums/min-max (every
+    x86-64) and the portable C loops (other CPUs) compute the same bits: the built extension with
+    AVX2 on and off, and a copy built without SSE2, on every type pair and row length."""
     import ctypes
     import platform
     import shutil
@@ -374,6 +375,14 @@ def test_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
             (r, np.clip(np.round(r / 1e-3), -32768, 32767).astype(np.int16), DequantParams(np.array(1e-3, np.float32), np.array(0, np.int16))),
         ]  # fmt: skip
     built = [v.copy() for v, _, _ in _kernels.many_row_metrics(stacks, threads=1)]
+    switch = _kernels._load().qd_avx2
+    switch.restype, switch.argtypes = ctypes.c_int, [ctypes.c_int]
+    has_avx2 = switch(-1)
+    try:
+        assert switch(0) == 0
+        sse2 = [v.copy() for v, _, _ in _kernels.many_row_metrics(stacks, threads=1)]
+    finally:
+        assert switch(-1) == has_avx2
     lib = ctypes.CDLL(str(so))
     p, i64, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
@@ -384,9 +393,9 @@ def test_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
         portable = [v.copy() for v, _, _ in _kernels.many_row_metrics(stacks, threads=1)]
     finally:
         _kernels._lib = original
-    assert len(built) == len(portable) == 30
-    for a, b in zip(built, portable):
-        assert np.array_equal(a, b)
+    assert len(built) == len(portable) == len(sse2) == 30
+    for a, b, c in zip(built, portable, sse2):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 @needs_kernels
