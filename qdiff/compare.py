@@ -52,6 +52,7 @@ from qdiff.runner import (
     default_session_factory,
     feed_for,
     open_session,
+    open_sessions,
     resolve_provider,
     tap_model,
 )
@@ -740,12 +741,12 @@ class Batcher:
         self._open()
 
     def _open(self) -> None:
-        self.sessions, self.untapped = [], []
-        for proto, taps, label in self.models:
-            model = _with_batch_axis(proto) if self.batched else proto
-            sess, notes = open_session(self.factory, tap_model(model, taps), label)
-            self.sessions.append(sess)
-            self.untapped.append(model)
+        items = [
+            (tap_model(_with_batch_axis(proto) if self.batched else proto, taps), label) for proto, taps, label in self.models
+        ]
+        opened = open_sessions(self.factory, items)
+        self.sessions = [sess for sess, _ in opened]
+        for _, notes in opened:
             self.notes += [n for n in notes if n not in self.notes]
 
     def fetch(self, batch: Mapping[str, np.ndarray], names: list[list[str]]) -> list[dict[str, np.ndarray]]:
@@ -820,8 +821,8 @@ class _NumpyEngine(_Engine):
         if prefuse and qg is not None:  # onnxruntime's fused graph: from the set-up thread where it ran
             opt = optimized.result() if optimized is not None else optimized_model(q_loaded.proto)
             prefused = _prefused(q_loaded.proto, self.tap_pairs, qg, opt) if opt is not None else None
-        if prefused is not None:
-            self.unfused = (q_loaded.proto, dict(self.tap_pairs), factory)
+        if prefused is not None:  # the check's session opens while the batcher opens its two
+            self.unfused = (q_loaded.proto, dict(self.tap_pairs), factory, unfused_session(factory, q_loaded.proto, self.tap_pairs))
             q_model, self.tap_pairs = prefused
             q_taps = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in keyed))
         self.batcher = Batcher(
@@ -849,9 +850,9 @@ class _NumpyEngine(_Engine):
 
     def _check_prefused(self, run: Mapping[str, np.ndarray]) -> str | None:
         """Do the fused graph's taps give the unfused taps' values on one run? (None: yes)"""
-        model, taps, factory = self.unfused
+        model, taps, factory, session = self.unfused
         return fused_taps_differ(
-            factory, model, taps, self.tap_pairs, run, lambda names: self.batcher.fetch(run, [[], names])[1]
+            factory, model, taps, self.tap_pairs, run, lambda names: self.batcher.fetch(run, [[], names])[1], session
         )
 
     def _names(self, group: list) -> list[list[str]]:
@@ -1153,13 +1154,28 @@ def _prefused(
     return opt, out
 
 
-def fused_taps_differ(factory, model: onnx.ModelProto, taps: dict, fused_taps: dict, run, fetch_fused) -> str | None:
+def unfused_session(factory, model: onnx.ModelProto, taps: dict) -> Future:
+    """The session :func:`fused_taps_differ` checks against (``model`` with ``taps`` tapped),
+    opened on a background thread while the caller opens its own."""
+    names = list(dict.fromkeys(t.quant_tensor for t in taps.values()))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-check")
+    opened = pool.submit(open_session, factory, tap_model(model, names), "unfused check")
+    pool.shutdown(wait=False)
+    return opened
+
+
+def fused_taps_differ(
+    factory, model: onnx.ModelProto, taps: dict, fused_taps: dict, run, fetch_fused, session: Future | None = None
+) -> str | None:
     """Why the taps of onnxruntime's fused graph (:func:`_prefused`) cannot stand for ``taps`` of
     ``model``, found by running both on one run; None when every tap agrees (1e-2 relative L2,
-    the fused kernels round differently). ``fetch_fused(names)`` returns the fused graph's tensors."""
+    the fused kernels round differently). ``fetch_fused(names)`` returns the fused graph's tensors;
+    ``session``: :func:`unfused_session`'s future where the caller started it."""
     names = list(dict.fromkeys(t.quant_tensor for t in taps.values()))
     try:
-        sess, _ = open_session(factory, tap_model(model, names), "unfused check")
+        if session is None:
+            session = unfused_session(factory, model, taps)
+        sess, _ = session.result()
         want = dict(zip(names, sess.run(names, feed_for(sess, run))))
         got_names = list(dict.fromkeys(fused_taps[k].quant_tensor for k in taps))
         got = fetch_fused(got_names)

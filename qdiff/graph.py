@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,14 +52,18 @@ def initializer_bytes(model: onnx.ModelProto, where: Callable[[onnx.TensorProto]
     """Bytes of the model's initializers (those ``where`` accepts), from their shapes and element
     types: no data is read or serialized."""
     total = 0
+    sizes: dict[int, int] = {}
     for t in model.graph.initializer:
         if where is not None and not where(t):
             continue
-        try:
-            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        except Exception:  # noqa: BLE001 - strings, undefined types
-            item = 1
-        total += int(np.prod(t.dims, dtype=np.int64)) * item
+        item = sizes.get(t.data_type)
+        if item is None:
+            try:
+                item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            except Exception:  # noqa: BLE001 - strings, undefined types
+                item = 1
+            sizes[t.data_type] = item
+        total += math.prod(t.dims) * item
     return total
 
 

@@ -185,6 +185,20 @@ def open_session(factory: SessionFactory, model: onnx.ModelProto, label: str) ->
         raise ModelError(f"onnxruntime cannot load {label}: {_first_line(str(exc))}") from None
 
 
+def open_sessions(factory: SessionFactory, items: Sequence[tuple[onnx.ModelProto, str]]) -> list[tuple[Session, list[str]]]:
+    """:func:`open_session` of every ``(model, label)``, concurrently where there are several
+    cores (onnxruntime builds a session without holding the GIL for most of it: on two cores
+    the two tapped models of compare open in the time of the slower one)."""
+    if len(items) < 2 or available_cpus() < 2:
+        return [open_session(factory, m, label) for m, label in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(items) - 1, available_cpus() - 1), thread_name_prefix="qdiff-open") as pool:
+        later = [pool.submit(open_session, factory, m, label) for m, label in items[1:]]
+        first = open_session(factory, *items[0])
+        return [first] + [f.result() for f in later]
+
+
 def _first_line(text: str) -> str:
     line = text.strip().splitlines()[0] if text.strip() else "unknown error"
     return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", line)[:400]
