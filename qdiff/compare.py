@@ -20,7 +20,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -518,11 +518,9 @@ class _SetUp:
         proto = q_loaded.proto
         if external_dir(proto) is not None or initializer_bytes(proto) > _PREFUSE_MAX_BYTES:
             return
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-setup")
-        if prefuse:  # first: the engine waits for it before the first group
-            self.optimized = pool.submit(optimized_model, proto)
-        self.deployed = pool.submit(open_session, factory, proto, q_loaded.label)
-        pool.shutdown(wait=False)
+        if prefuse:  # the engine waits for it before the first group
+            self.optimized = pipeline.in_background(optimized_model, proto)
+        self.deployed = pipeline.in_background(open_session, factory, proto, q_loaded.label)
 
 
 def _groups_of(items: Iterable, size: int) -> Iterable[list]:
@@ -1158,10 +1156,7 @@ def unfused_session(factory, model: onnx.ModelProto, taps: dict) -> Future:
     """The session :func:`fused_taps_differ` checks against (``model`` with ``taps`` tapped),
     opened on a background thread while the caller opens its own."""
     names = list(dict.fromkeys(t.quant_tensor for t in taps.values()))
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-check")
-    opened = pool.submit(open_session, factory, tap_model(model, names), "unfused check")
-    pool.shutdown(wait=False)
-    return opened
+    return pipeline.in_background(open_session, factory, tap_model(model, names), "unfused check")
 
 
 def fused_taps_differ(

@@ -20,12 +20,12 @@ from __future__ import annotations
 import queue
 import sys
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 from qdiff.runner import available_cpus
 
-__all__ = ["MAX_WORKERS", "release_free_memory", "run_groups", "session_threads", "workers"]
+__all__ = ["MAX_WORKERS", "in_background", "release_free_memory", "run_groups", "session_threads", "workers"]
 
 #: at most this many worker threads (each holds one group's tapped tensors while it works)
 MAX_WORKERS = 4
@@ -45,6 +45,17 @@ def session_threads(cpus: int | None = None) -> int:
     (never onnxruntime's default of every core: ``--workers`` processes share the machine)."""
     cpus = available_cpus() if cpus is None else cpus
     return max(1, cpus // workers(cpus))
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` on a thread of its own, as a Future: set-up work (onnxruntime building a
+    session or optimising a graph, which releases the GIL) that overlaps the caller's own.
+    An exception is raised by the Future's ``result()``."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qdiff-setup")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def release_free_memory() -> None:

@@ -50,6 +50,7 @@ from qdiff.compare import (
     integer_source,
     load_pair,
     load_tensor_map,
+    optimized_model,
     prefuse_pays,
 )
 from qdiff.errors import UsageError
@@ -211,6 +212,9 @@ def sensitivity(
         return make_source(data, f_specs, samples=samples, batch_size=batch_size, seed=seed, input_shapes=shapes)
 
     first_source = source()
+    # onnxruntime's fused graph of the quantized model, made while the graphs are matched and the
+    # shadow is built (see below)
+    q_optimized = pipeline.in_background(optimized_model, q_loaded.proto) if prefuse_pays(first_source.count) else None
     if isinstance(tensor_map, (str, os.PathLike)):
         tensor_map = load_tensor_map(tensor_map)
     matching = match_models(fg, qg, tensor_map)
@@ -257,9 +261,10 @@ def sensitivity(
     # both models tapped in onnxruntime's fused graphs where that gives the same values (see
     # compare._prefused: tapping a QuantizeLinear output stops the fusion of the quantized layers
     # around it, which would then run in float); checked on the first run, else tapped as given
+    q_opt = q_optimized.result() if q_optimized is not None else None
     fused = (
-        [_prefused(shadow, s_plain, sg), _prefused(q_loaded.proto, q_plain, qg)]
-        if prefuse_pays(first_source.count)
+        [_prefused(shadow, s_plain, sg), _prefused(q_loaded.proto, q_plain, qg, q_opt) if q_opt is not None else None]
+        if q_optimized is not None
         else [None, None]
     )
     # the DequantizeLinear nodes nothing reads any more go (in the fused shadow only after
