@@ -139,13 +139,13 @@ def compare(
         tensor_map = load_tensor_map(tensor_map)
     local = workers == 1 and executor is None
     setup = _SetUp(session_factory, q_loaded, engine == "numpy" and prefuse_pays(source.count)) if local else None
-    matching = match_models(fg, qg, tensor_map)
+    # the weight table is computed as the matching finds the weights, one at a time, and before
+    # the sessions load the models (a 2 GB model's float weights and their dequantized twins are
+    # 4 GB of arrays)
+    matching = match_models(fg, qg, tensor_map, weigh=_weight_row)
     pairs = list(matching.pairs)
     outputs = list(matching.outputs)
-    # the weight table first, so the float weights and their dequantized twins are freed before
-    # the sessions load the models (on a 2 GB model they are 4 GB of arrays)
     weights = _weights_frame(matching.weights)
-    matching = dataclasses.replace(matching, weights=())
 
     if local:
         m = _measure(
@@ -431,6 +431,7 @@ def _measure(
         notes += eng.notes
     first_fold = _Folds(len(pairs), len(outputs), compiled)
     deployed_diff: float | None = None
+    later: tuple | None = None  # the deployed-model check's inputs, where it runs after the others
     run_seconds = 0.0
     done = 0
 
@@ -441,7 +442,7 @@ def _measure(
             progress(done, source.count)
 
     def run_first(group: list) -> None:
-        nonlocal eng, engine_used, run_seconds, deployed_diff
+        nonlocal eng, engine_used, run_seconds, deployed_diff, later
         t0 = time.perf_counter()
         steps, eng, engine_used = _run_group(
             eng, group, True, notes, engine_used, factory, f_loaded, q_loaded, pairs, outputs, compiled
@@ -456,8 +457,11 @@ def _measure(
             first_fold.fold(step)
             t0 = time.perf_counter()
         if outputs and all(v is not None for v in qouts):
-            deployed = setup.deployed if setup is not None else None
-            deployed_diff = _deployed_diff(factory, eng, q_loaded, outputs, qouts, feed0, len(group), deployed)
+            batched = getattr(eng, "batched", False)
+            if setup is not None and setup.deployed is not None:
+                deployed_diff = _deployed_diff(factory, batched, q_loaded, outputs, qouts, feed0, len(group), setup.deployed)
+            else:  # big models: the deployed session opens once the tapped ones are closed (peak memory)
+                later = (qouts, feed0, len(group), batched)
         report(len(group))
 
     def run_next(group: list, fold: _Folds) -> None:
@@ -495,11 +499,16 @@ def _measure(
         merged = merged.merge(other)
     merged.folder.flush()
     notes += [n for n in eng.notes if n not in notes]
+    integer_taps = sum(1 for k, t in getattr(eng, "tap_pairs", {}).items() if k >= 0 and t is not pairs[k])
+    if later is not None:
+        eng = None  # its sessions go first
+        qouts, feed0, runs, batched = later
+        deployed_diff = _deployed_diff(factory, batched, q_loaded, outputs, qouts, feed0, runs)
     return _Measured(
         merged.accs, merged.out_accs, merged.top1, merged.shapes, merged.broken, notes, deployed_diff, run_seconds,
         engine_used, source.batches, source.samples, dict(source.digests),
         "c" if compiled and engine_used != "fused" else "numpy",
-        sum(1 for k, t in getattr(eng, "tap_pairs", {}).items() if k >= 0 and t is not pairs[k]),
+        integer_taps,
         len(folds),
     )  # fmt: skip
 
@@ -548,7 +557,7 @@ def _run_group(eng, group, first, notes, engine_used, factory, f_loaded, q_loade
         return eng.run_group(group, True), eng, ("numpy" if first else "fused+numpy")
 
 
-def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: int, deployed=None) -> float:
+def _deployed_diff(factory, batched: bool, q_loaded, outputs, quant_outputs, feed, runs: int, deployed=None) -> float:
     """Is the tapped quantized model still what the deployed one computes? (max |difference| of the outputs)
 
     Checked on the first run of the first group (``runs`` runs were batched into ``feed``), against
@@ -560,7 +569,7 @@ def _deployed_diff(factory, eng, q_loaded, outputs, quant_outputs, feed, runs: i
         deployed_sess, _ = open_session(factory, q_loaded.proto, q_loaded.label)
     names = [o.quant_tensor for o in outputs]
     tapped = list(quant_outputs)
-    if runs > 1 and getattr(eng, "batched", False):
+    if runs > 1 and batched:
         feed = {k: v[: v.shape[0] // runs] for k, v in feed.items()}
         tapped = [t[: t.shape[0] // runs] if np.ndim(t) else t for t in tapped]
     deployed = deployed_sess.run(names, feed_for(deployed_sess, feed))
@@ -1512,35 +1521,35 @@ def _channel_cosines(ref: np.ndarray, cand: np.ndarray, axis: int) -> np.ndarray
     return np.array([1.0 if v.cosine is None else v.cosine for v in _rows_metrics(r, c)])
 
 
+def _weight_row(w: WeightPair) -> dict[str, Any]:
+    """The weight table's row of one pair (given to :func:`match_models` as ``weigh``)."""
+    ref, cand = np.asarray(w.float_value), np.asarray(w.quant_value)
+    (m,) = _rows_metrics(ref.reshape(1, -1), cand.reshape(1, -1))
+    worst_channel, worst_cos = None, None
+    if w.channel_axis is not None and ref.ndim > 1:
+        cos = _channel_cosines(ref, cand, w.channel_axis % ref.ndim)
+        worst_channel = int(np.argmin(cos))
+        worst_cos = float(cos[worst_channel])
+    return {
+        "layer": w.layer,
+        "op_type": w.op_type,
+        "role": w.role,
+        "float_tensor": w.float_tensor,
+        "quant_tensor": w.quant_tensor,
+        "granularity": w.granularity,
+        "shape": "x".join(str(d) for d in ref.shape),
+        "cosine": m.cosine,
+        "mse": m.mse,
+        "mae": m.mae,
+        "max_abs": m.max_abs,
+        "sqnr_db": m.sqnr_db,
+        "worst_channel": worst_channel,
+        "worst_channel_cosine": worst_cos,
+    }
+
+
 def _weights_frame(weights: tuple[WeightPair, ...]) -> pd.DataFrame:
-    rows = []
-    for w in weights:
-        ref, cand = np.asarray(w.float_value), np.asarray(w.quant_value)
-        (m,) = _rows_metrics(ref.reshape(1, -1), cand.reshape(1, -1))
-        worst_channel, worst_cos = None, None
-        if w.channel_axis is not None and ref.ndim > 1:
-            cos = _channel_cosines(ref, cand, w.channel_axis % ref.ndim)
-            worst_channel = int(np.argmin(cos))
-            worst_cos = float(cos[worst_channel])
-        rows.append(
-            {
-                "layer": w.layer,
-                "op_type": w.op_type,
-                "role": w.role,
-                "float_tensor": w.float_tensor,
-                "quant_tensor": w.quant_tensor,
-                "granularity": w.granularity,
-                "shape": "x".join(str(d) for d in ref.shape),
-                "cosine": m.cosine,
-                "mse": m.mse,
-                "mae": m.mae,
-                "max_abs": m.max_abs,
-                "sqnr_db": m.sqnr_db,
-                "worst_channel": worst_channel,
-                "worst_channel_cosine": worst_cos,
-            }
-        )
-    return pd.DataFrame(rows, columns=WEIGHT_COLUMNS)
+    return pd.DataFrame([w.row if w.row is not None else _weight_row(w) for w in weights], columns=WEIGHT_COLUMNS)
 
 
 def _meta(

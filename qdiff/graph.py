@@ -34,8 +34,12 @@ ModelLike = Union[str, Path, onnx.ModelProto]
 EXTERNAL_DIR_KEY = "qdiff.external_data_dir"
 #: models whose external data is larger than this keep it on disk: onnxruntime reads it from
 #: the folder, qdiff reads single tensors when it needs them, and protobuf's 2 GB limit on a
-#: serialized model never applies (smaller external data is loaded into the proto)
-KEEP_EXTERNAL_BYTES = 1 << 30
+#: serialized model never applies (smaller external data is loaded into the proto). Loaded into
+#: the proto, a 0.5 GB int8 model cost 0.5 GB in Python and 1 GB in its session (built from the
+#: serialized bytes) instead of 0.5 GB: measured on bench/big_model.py, compare's peak went
+#: 6.3 -> 3.8 GB and its time 22 -> 15 s with 1 GiB -> 256 MiB here. compare's fused-graph taps
+#: stop at the same size (compare._PREFUSE_MAX_BYTES), so no model loses them.
+KEEP_EXTERNAL_BYTES = 256 << 20
 #: constant values up to this size are cached by Graph.const_value
 _CACHE_MAX_BYTES = 16 << 20
 
@@ -176,9 +180,9 @@ class Graph:
     """
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = _infer_shapes(model)
+        self.model = _infer_shapes(model)  # its large initializers have no data: read them from ``model``
         graph = self.model.graph
-        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in model.graph.initializer}
         self.inputs: list[str] = [i.name for i in graph.input if i.name not in self.initializers]
         self.outputs: list[str] = [o.name for o in graph.output]
         self.nodes: list[onnx.NodeProto] = _topological(list(graph.node), set(self.inputs) | set(self.initializers))
@@ -325,11 +329,40 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+#: initializers with more bytes than this are left out of the copy that shape inference works on
+_SKELETON_BYTES = 1 << 16
+
+
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    if byte_size(model) > 2**31 - 1:
-        return model  # onnx's in-memory shape inference is limited to 2 GB protos
+    """The model's graph after onnx's shape inference, run on a copy whose large initializers keep
+    their names, types and shapes but no data (marked external): inferring on the model itself
+    copied every weight (0.5 GB more for a 0.5 GB model) and was impossible above 2 GB. Shapes that
+    depend on a large constant's values are not inferred; nothing in qdiff needs those. The model as
+    given where inference fails."""
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(model, field))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g, src = skeleton.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    for t in src.initializer:
+        if len(t.raw_data) > _SKELETON_BYTES:
+            stub = g.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            entry = stub.external_data.add()
+            entry.key, entry.value = "location", "qdiff-not-loaded"
+        else:
+            g.initializer.append(t)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
     except Exception as exc:  # custom domains can make inference give up; the graph stays usable
         log.debug("shape inference failed: %s", exc)
         return model

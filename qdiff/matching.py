@@ -36,9 +36,10 @@ dequantized by the runner), else the float tensor itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import product
 
@@ -420,7 +421,12 @@ class _Skeleton:
 # ---------------------------------------------------------------------------------------------
 
 
-def match_models(float_graph: Graph, quant_graph: Graph, user_map: Mapping[str, str] | None = None) -> Matching:
+def match_models(
+    float_graph: Graph,
+    quant_graph: Graph,
+    user_map: Mapping[str, str] | None = None,
+    weigh: Callable[[WeightPair], dict] | None = None,
+) -> Matching:
     """Pair every comparable tensor of ``float_graph`` with its counterpart in ``quant_graph``.
 
     Args:
@@ -428,6 +434,9 @@ def match_models(float_graph: Graph, quant_graph: Graph, user_map: Mapping[str, 
         quant_graph: the quantized (QDQ, QOperator, dynamic) or FP16 model.
         user_map: float tensor -> quantized tensor pairs that override or complete the
             structural matching (``--map``).
+        weigh: called with each weight pair as it is found; its result is kept as the pair's
+            ``row`` and the pair's values are dropped (compare's weight table: one weight in
+            memory at a time instead of every float weight and its dequantized twin).
 
     Returns:
         The pairs in float topological order, output pairs, weight pairs and what stayed
@@ -435,11 +444,14 @@ def match_models(float_graph: Graph, quant_graph: Graph, user_map: Mapping[str, 
     """
     fs = _Skeleton(float_graph)
     qs = _Skeleton(quant_graph)
-    return _Matcher(fs, qs, dict(user_map or {})).run()
+    return _Matcher(fs, qs, dict(user_map or {}), weigh).run()
 
 
 class _Matcher:
-    def __init__(self, fs: _Skeleton, qs: _Skeleton, user_map: dict[str, str]) -> None:
+    def __init__(
+        self, fs: _Skeleton, qs: _Skeleton, user_map: dict[str, str], weigh: Callable[[WeightPair], dict] | None = None
+    ) -> None:
+        self.weigh = weigh
         self.fs, self.qs = fs, qs
         self.user_map = user_map
         self.skipped: list[Unmatched] = []
@@ -967,19 +979,21 @@ class _Matcher:
                     )
                     continue
                 role = {1: "weight", 2: "bias"}.get(pos, f"input{pos}") if op in ("Conv", "Gemm", "MatMul", "ConvTranspose") else f"input{pos}"
-                out.append(
-                    WeightPair(
-                        layer=layer,
-                        op_type=op,
-                        role=role,
-                        float_tensor=fname,
-                        quant_tensor=qsource,
-                        float_value=fv,
-                        quant_value=aligned,
-                        granularity=granularity,
-                        channel_axis=_channel_axis(fg.nodes[f.idx], pos, fv.ndim),
-                    )
+                pair = WeightPair(
+                    layer=layer,
+                    op_type=op,
+                    role=role,
+                    float_tensor=fname,
+                    quant_tensor=qsource,
+                    float_value=fv,
+                    quant_value=aligned,
+                    granularity=granularity,
+                    channel_axis=_channel_axis(fg.nodes[f.idx], pos, fv.ndim),
                 )
+                if self.weigh is not None:
+                    pair = dataclasses.replace(pair, float_value=None, quant_value=None, row=self.weigh(pair))
+                out.append(pair)
+                del fv, qv, aligned, resolved
         return out
 
 

@@ -116,10 +116,13 @@ class WeightPair:
     role: str  #: "weight", "bias" or "input<k>"
     float_tensor: str
     quant_tensor: str
-    float_value: np.ndarray
-    quant_value: np.ndarray
+    float_value: np.ndarray | None  #: None once ``row`` holds what was computed from it
+    quant_value: np.ndarray | None
     granularity: str  #: "per-channel (axis k)", "per-tensor" or "float" (left unquantized)
     channel_axis: int | None = None
+    #: what ``match_models(weigh=...)`` computed from the values as the pair was found (the values
+    #: are then dropped: a big model's weights are never all in memory at once)
+    row: dict | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
