@@ -47,7 +47,7 @@ from qdiff._io import write_atomic
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, load_model
 from qdiff.inputs import DataLike, DataSource, check_same_inputs, input_specs, make_source, parse_input_shapes
-from qdiff.matching import QOP_SPECS, _base_name, _Skeleton, match_models
+from qdiff.matching import QOP_SPECS, _base_name, _Skeleton, match_models, no_weight_values
 from qdiff.runner import Session, SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, resolve_provider, tap_model
 from qdiff.structs import Matching, PairKind, TensorPair
 
@@ -1906,7 +1906,7 @@ def diagnose(
         provider_name = options.provider
     else:
         provider_name = "custom session factory"
-    matching = match_models(fg, qg) if fg is not None else None
+    matching = match_models(fg, qg, weigh=no_weight_values) if fg is not None else None
     skeleton = _Skeleton(qg)
     ctx = DiagnoseContext(
         quant=q_loaded, qg=qg, float=f_loaded, fg=fg, matching=matching, kind=model_kind(qg),

@@ -103,9 +103,9 @@ def layer_values(
         from qdiff.compare import load_tensor_map
 
         tensor_map = load_tensor_map(tensor_map)
-    from qdiff.matching import match_models
+    from qdiff.matching import match_models, no_weight_values
 
-    matching = match_models(fg, qg, tensor_map)
+    matching = match_models(fg, qg, tensor_map, weigh=no_weight_values)
     pair = _find_pair(matching, layer)
     step, zero_point, qmin, qmax = _grid(matching, pair)
 

@@ -43,7 +43,7 @@ from qdiff.diagnose import Finding, _Layers
 from qdiff.errors import DataError, UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
-from qdiff.matching import _base_name, _Skeleton, match_models
+from qdiff.matching import _base_name, _Skeleton, match_models, no_weight_values
 from qdiff.runner import Session, feed_for, open_session, resolve_provider
 
 __all__ = ["ProfileResult", "profile", "LAYER_COLUMNS", "parse_trace", "NodeTime"]
@@ -311,7 +311,7 @@ def profile(
     if not batches:
         raise DataError(f"{source.description} produced no samples; nothing was profiled")
     runs = [batches[i % len(batches)] for i in range(samples)]
-    matching = match_models(fg, qg)
+    matching = match_models(fg, qg, weigh=no_weight_values)
     tmp = tempfile.mkdtemp(prefix="qdiff-profile-")
     notes: list[str] = []
     try:

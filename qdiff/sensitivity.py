@@ -56,7 +56,7 @@ from qdiff.compare import (
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
-from qdiff.matching import match_models
+from qdiff.matching import match_models, no_weight_values
 from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
 from qdiff.runner import (
     SessionFactory,
@@ -217,7 +217,7 @@ def sensitivity(
     q_optimized = pipeline.in_background(optimized_model, q_loaded.proto) if prefuse_pays(first_source.count) else None
     if isinstance(tensor_map, (str, os.PathLike)):
         tensor_map = load_tensor_map(tensor_map)
-    matching = match_models(fg, qg, tensor_map)
+    matching = match_models(fg, qg, tensor_map, weigh=no_weight_values)  # weight values: not needed here
     pairs = [p for p in matching.pairs if p.kind.value != "input"]
     regions = list(matching.regions)
     outputs = list(matching.outputs)

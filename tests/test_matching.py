@@ -286,3 +286,37 @@ def test_deep_graph_matches_without_recursion_limits(tmp_path):
     m = match_models(Graph(f), Graph(f))
     assert time.perf_counter() - start < 30
     assert len(m.pairs) == n and m.unmatched == ()
+
+
+def test_weigh_reduces_each_weight_as_found_and_drops_its_values():
+    """match_models(weigh=...) hands every weight pair over with its values and keeps only what it
+    returned: compare's weight table is the same as from the values held to the end."""
+    from qdiff.compare import _weight_row, _weights_frame
+
+    fg = Graph(onnx.load(SAMPLES / "digits_cnn.float.onnx"))
+    qg = Graph(onnx.load(SAMPLES / "digits_cnn.qdq_per_channel.onnx"))
+    held = match_models(fg, qg)
+    seen = []
+    weighed = match_models(fg, qg, weigh=lambda w: (seen.append(w.float_value is not None), _weight_row(w))[1])
+    assert len(held.weights) == len(weighed.weights) == len(seen) >= 4 and all(seen)
+    assert all(w.float_value is None and w.quant_value is None and w.row for w in weighed.weights)
+    assert all(w.float_value is not None and w.row is None for w in held.weights)
+    assert _weights_frame(held.weights).equals(_weights_frame(weighed.weights))
+    assert [p.float_tensor for p in held.pairs] == [p.float_tensor for p in weighed.pairs]
+
+
+@pytest.mark.parametrize("name", ["digits_cnn.qdq_per_channel", "transformer.qdq", "digits_cnn.qoperator"])
+def test_shape_inference_without_weight_data_gives_the_full_models_shapes(name, monkeypatch):
+    """Graph infers shapes on a copy whose large initializers have no data: the same types and
+    shapes as inference on the whole model, and constants still read from the model."""
+    from qdiff import graph as graph_module
+
+    model = onnx.load(SAMPLES / f"{name}.onnx")
+    full = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    monkeypatch.setattr(graph_module, "_SKELETON_BYTES", 64)  # every weight of these small models left out
+    g = Graph(model)
+    want = {vi.name: vi.type for vi in full.graph.value_info}
+    got = {vi.name: vi.type for vi in g.model.graph.value_info}
+    assert want and got == want
+    big = next(t for t in model.graph.initializer if len(t.raw_data) > 64)
+    np.testing.assert_array_equal(g.const_value(big.name), numpy_helper.to_array(big))
