@@ -417,6 +417,20 @@ DEFINE_SUMS_AVX2(sums_f32_f32_avx2, float, AVX_C_F32, 1)
 DEFINE_SUMS_AVX2(sums_f32_i8_avx2, int8_t, AVX_C_LUT, 0)
 DEFINE_SUMS_AVX2(sums_f32_u8_avx2, uint8_t, AVX_C_LUT, 0)
 
+#define DEFINE_MINMAX_INT_AVX2(NAME, T)                                                    \
+    AVX2_FN static void NAME(const T *x, int64_t m, int32_t *lo, int32_t *hi) {            \
+        T a = (T)*lo, b = (T)*hi;                                                          \
+        for (int64_t i = 0; i < m; i++) {                                                  \
+            a = x[i] < a ? x[i] : a;                                                       \
+            b = x[i] > b ? x[i] : b;                                                       \
+        }                                                                                  \
+        *lo = a;                                                                           \
+        *hi = b;                                                                           \
+    }
+
+DEFINE_MINMAX_INT_AVX2(minmax_i8_avx2, int8_t)
+DEFINE_MINMAX_INT_AVX2(minmax_u8_avx2, uint8_t)
+
 AVX2_FN static void hist_f32_avx2(const float *x, int64_t m, double lo, double factor, int64_t bins,
                                   int32_t *sub, int64_t *h) {
     int64_t last = bins - 1;
@@ -497,38 +511,61 @@ static int finish_row(const double *parts, int64_t n_chunks, const int64_t *hist
         sqnr = sqnr > cap ? cap : (sqnr < -cap ? -cap : sqnr);
     }
     if (hist) {
+        /* Every per-bin quantity is a function of the bin's count alone (n, eps, ps and qs are the
+         * row's): count/n + eps, pb = p/ps and its log for P, log(q/qs) for Q. For counts below 64
+         * (most bins of a small tensor, and every empty bin of the tails) each is computed once per
+         * row and looked up after: the same operations on the same values, so the same bits. */
+        enum { SEEN = 64 };
+        double val_seen[SEEN], pb_seen[SEEN], lp_seen[SEEN], lq_seen[SEEN];
+        uint64_t have_v = 0, have_p = 0, have_q = 0;
         double ps = 0.0, qs = 0.0;
         for (int64_t b = 0; b < bins; b++) {
-            p[b] = (double)hist[b] / (double)n + eps;
-            q[b] = (double)hist[bins + b] / (double)n + eps;
-            ps += p[b];
-            qs += q[b];
-        }
-        /* pb is a function of the bin's count alone (n, eps and ps are the row's), so the log of
-         * a count seen before in this row is looked up: the same value bit for bit, and most
-         * bins of a small tensor share a few small counts (0 in the tails) */
-        double lp_seen[64], lq_seen[64];
-        uint64_t have_p = 0, have_q = 0;
-        for (int64_t b = 0; b < bins; b++) {
-            double pb = p[b] / ps, qb = q[b] / qs;
             int64_t hp = hist[b], hq = hist[bins + b];
-            double lp, lq;
-            if (hp < 64) {
+            double pv, qv;
+            if (hp < SEEN) {
+                if (!((have_v >> hp) & 1u)) {
+                    val_seen[hp] = (double)hp / (double)n + eps;
+                    have_v |= (uint64_t)1 << hp;
+                }
+                pv = val_seen[hp];
+            } else
+                pv = (double)hp / (double)n + eps;
+            if (hq < SEEN) {
+                if (!((have_v >> hq) & 1u)) {
+                    val_seen[hq] = (double)hq / (double)n + eps;
+                    have_v |= (uint64_t)1 << hq;
+                }
+                qv = val_seen[hq];
+            } else
+                qv = (double)hq / (double)n + eps;
+            p[b] = pv;
+            q[b] = qv;
+            ps += pv;
+            qs += qv;
+        }
+        for (int64_t b = 0; b < bins; b++) {
+            int64_t hp = hist[b], hq = hist[bins + b];
+            double pb, lp, lq;
+            if (hp < SEEN) {
                 if (!((have_p >> hp) & 1u)) {
-                    lp_seen[hp] = log(pb);
+                    pb_seen[hp] = p[b] / ps;
+                    lp_seen[hp] = log(pb_seen[hp]);
                     have_p |= (uint64_t)1 << hp;
                 }
+                pb = pb_seen[hp];
                 lp = lp_seen[hp];
-            } else
+            } else {
+                pb = p[b] / ps;
                 lp = log(pb);
-            if (hq < 64) {
+            }
+            if (hq < SEEN) {
                 if (!((have_q >> hq) & 1u)) {
-                    lq_seen[hq] = log(qb);
+                    lq_seen[hq] = log(q[b] / qs);
                     have_q |= (uint64_t)1 << hq;
                 }
                 lq = lq_seen[hq];
             } else
-                lq = log(qb);
+                lq = log(q[b] / qs);
             kl += pb * (lp - lq);
         }
         kl = kl > 0.0 ? kl : 0.0;
@@ -607,10 +644,10 @@ int qd_metrics(const void *r, int r_type, const void *c, int c_type, float scale
                         sums_f32_f32_avx2(rp, (const float *)c + off, m, lut, out, &rlo32, &rhi32, &clo32, &chi32);
                     else if (c_type == T_I8) {
                         sums_f32_i8_avx2(rp, (const int8_t *)c + off, m, lut, out, &rlo32, &rhi32, NULL, NULL);
-                        minmax_i8((const int8_t *)c + off, m, &clo_i, &chi_i);
+                        minmax_i8_avx2((const int8_t *)c + off, m, &clo_i, &chi_i);
                     } else {
                         sums_f32_u8_avx2(rp, (const uint8_t *)c + off, m, lut, out, &rlo32, &rhi32, NULL, NULL);
-                        minmax_u8((const uint8_t *)c + off, m, &clo_i, &chi_i);
+                        minmax_u8_avx2((const uint8_t *)c + off, m, &clo_i, &chi_i);
                     }
                     if (!(isfinite(out[0]) && isfinite(out[1]))) finite = 0;
                     continue;
