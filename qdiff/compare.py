@@ -426,7 +426,7 @@ def _measure(
     if eng is None:
         eng = _NumpyEngine(
             factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg, prefuse=prefuse_pays(source.count),
-            optimized=setup.optimized if setup is not None else None,
+            optimized=setup.optimized if setup is not None else None, total=source.count,
         )  # fmt: skip
         notes += eng.notes
     first_fold = _Folds(len(pairs), len(outputs), compiled)
@@ -494,6 +494,7 @@ def _measure(
             first_fold.folder.threads = 1
         pipeline.release_free_memory()
         pipeline.run_groups(_groups_of(batches, eng.runs_per_group), run_next, folds, report)
+        pipeline.for_each(folds, lambda fold: fold.folder.flush())
     merged = folds[0]
     for other in folds[1:]:
         merged = merged.merge(other)
@@ -718,6 +719,9 @@ class _Engine:
 #: against memory)
 _GROUP_BYTES = 12 << 20
 _GROUP_MAX_RUNS = 64
+#: a data set of known size is cut into at least this many groups (where runs allow): on the
+#: 2-core VM, 64 runs of the transformer block in one group ran on one worker alone
+_MIN_GROUPS = 8
 #: runs of the first group that are also run alone to check that batching changes nothing
 _CHECKED_RUNS = 2
 _BATCH_DIM = "qdiff_runs"
@@ -731,12 +735,15 @@ class Batcher:
     is made symbolic. The first group is also run one run at a time for its first
     ``_CHECKED_RUNS`` runs; batching is kept only if every tapped tensor agrees (per-run shapes,
     values to 1e-3 relative L2). Otherwise the sessions are rebuilt on the original models and
-    runs go one at a time (``notes`` says why).
+    runs go one at a time (``notes`` says why). With ``total`` runs known, groups are also small
+    enough that there are :data:`_MIN_GROUPS` of them, so that the pipeline's workers share a
+    small data set (``total`` is the whole data set's run count, the same in every shard, so every
+    shard groups the runs alike).
     """
 
     def __init__(
         self, factory, models: list[tuple[onnx.ModelProto, list[str], str]], per_run_bytes: int | None,
-        max_memory: int | None = None, allow: bool = True,
+        max_memory: int | None = None, allow: bool = True, total: int | None = None,
     ):  # fmt: skip
         self.factory, self.models = factory, models
         self.notes: list[str] = []
@@ -744,6 +751,8 @@ class Batcher:
         runs = 1
         if allow and per_run_bytes is not None:
             runs = int(max(1, min(_GROUP_MAX_RUNS, budget // max(1, per_run_bytes))))
+            if total:
+                runs = min(runs, max(1, -(-total // _MIN_GROUPS)))
         self.batched = runs > 1 and all(_batch_axis_ok(m) for m, _, _ in models)
         self.runs_per_group = runs if self.batched else 1
         self._open()
@@ -806,6 +815,7 @@ class _NumpyEngine(_Engine):
     def __init__(
         self, factory, f_loaded, q_loaded, pairs, outputs, max_memory: int | None = None, fg: Graph | None = None,
         compiled: bool = False, qg: Graph | None = None, prefuse: bool = True, optimized: Future | None = None,
+        total: int | None = None,
     ):  # fmt: skip
         self.pairs, self.outputs, self.compiled = pairs, outputs, compiled
         keyed = [(i, p) for i, p in enumerate(pairs)] + [(-1 - k, p) for k, p in enumerate(outputs)]
@@ -835,10 +845,10 @@ class _NumpyEngine(_Engine):
             q_taps = list(dict.fromkeys(self.tap_pairs[k].quant_tensor for k, _ in keyed))
         self.batcher = Batcher(
             factory, [(f_loaded.proto, f_taps, f_loaded.label), (q_model, q_taps, q_loaded.label)],
-            per_run, max_memory, allow=len(self.groups) == 1,
+            per_run, max_memory, allow=len(self.groups) == 1, total=total,
         )  # fmt: skip
         self._notes = notes
-        self._keyed, self._args = keyed, (factory, f_loaded, q_loaded, max_memory, fg, qg)
+        self._keyed, self._args = keyed, (factory, f_loaded, q_loaded, max_memory, fg, qg, total)
 
     @property
     def notes(self) -> list[str]:
@@ -873,10 +883,10 @@ class _NumpyEngine(_Engine):
         if first and self.unfused is not None:
             why = self._check_prefused(group[0])
             if why is not None:  # tap the model as given instead
-                factory, f_loaded, q_loaded, max_memory, fg, qg = self._args
+                factory, f_loaded, q_loaded, max_memory, fg, qg, total = self._args
                 self.__init__(
                     factory, f_loaded, q_loaded, self.pairs, self.outputs, max_memory, fg, self.compiled, qg,
-                    prefuse=False,
+                    prefuse=False, total=total,
                 )  # fmt: skip
                 self._notes.append(f"onnxruntime's fused graph not tapped: {why}")
             else:

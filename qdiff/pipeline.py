@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from qdiff.runner import available_cpus
 
-__all__ = ["MAX_WORKERS", "in_background", "release_free_memory", "run_groups", "session_threads", "workers"]
+__all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "workers"]
 
 #: at most this many worker threads (each holds one group's tapped tensors while it works)
 MAX_WORKERS = 4
@@ -56,6 +56,22 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Future:
         return pool.submit(fn, *args)
     finally:
         pool.shutdown(wait=False)
+
+
+def for_each(states: list[S], fn: Callable[[S], Any]) -> None:
+    """``fn(state)`` for every state, each on a thread of its own (the last on the calling thread):
+    the workers' final reductions (rows their folders still buffer) run side by side instead of
+    one after the other on the caller's thread after the groups (the transformer block at 64
+    samples: 23-49 ms of kernels on one core). Exceptions are raised."""
+    if len(states) < 2:
+        for state in states:
+            fn(state)
+        return
+    with ThreadPoolExecutor(max_workers=len(states) - 1, thread_name_prefix="qdiff-run") as pool:
+        pending = [pool.submit(fn, state) for state in states[:-1]]
+        fn(states[-1])
+        for future in pending:
+            future.result()
 
 
 def release_free_memory() -> None:

@@ -285,6 +285,7 @@ def sensitivity(
             session_factory,
             [(models[0], names[0], f"shadow of {f_loaded.label}"), (models[1], names[1], q_loaded.label)],
             per_run,
+            total=first_source.count,
         )
 
     batcher = open_batcher()
@@ -374,8 +375,7 @@ def sensitivity(
         groups = _groups_of(batches, batcher.runs_per_group)
         pipeline.release_free_memory()
         pipeline.run_groups(groups, lambda group, folds: measure(group, False, folds), workers, report)
-    for w in workers:
-        w.folder.flush()
+    pipeline.for_each(workers, lambda w: w.folder.flush())
     acc, iso = workers[0].acc, workers[0].iso
     for w in workers[1:]:
         acc = {k: a.merge(w.acc[k]) for k, a in acc.items()}

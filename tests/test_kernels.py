@@ -122,7 +122,8 @@ def test_compare_with_kernels_and_batches_equals_the_plain_numpy_path(variant, m
     if variant == "dynamic":
         assert "runs not batched: values differ between batched and single runs" in " ".join(fast.meta["notes"])
     else:
-        assert any("runs batched 64 at a time" in n for n in fast.meta["notes"]), fast.meta["notes"]
+        # 150 runs: groups of 19, so that there are 8 (compare._MIN_GROUPS) for the workers
+        assert any("runs batched 19 at a time" in n for n in fast.meta["notes"]), fast.meta["notes"]
     with monkeypatch.context() as m:
         _force_numpy(m)
         _unbatched(m)
@@ -206,11 +207,11 @@ def test_a_fixed_batch_reshape_falls_back_to_single_runs(tmp_path):
 
 @needs_kernels
 def test_sharded_batched_groups_equal_one_process():
-    """Groups of 64 runs, sharded whole across 2 workers: the very same numbers."""
+    """Groups of 19 runs (150 runs in 8 groups), sharded whole across 2 workers: the very same numbers."""
     args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_channel.onnx")
     a = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150)
     b = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150, workers=2)
-    assert any("runs batched 64" in n for n in a.meta["notes"])
+    assert any("runs batched 19 at a time" in n for n in a.meta["notes"])
     assert a.layers.equals(b.layers) and a.outputs.equals(b.outputs)
 
 
