@@ -33,7 +33,16 @@ from onnx import numpy_helper
 from qdiff import _kernels, metrics, pipeline
 from qdiff.errors import QdiffError, UsageError
 from qdiff.fused import FusedUnavailable, build_fused
-from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, external_dir, initializer_bytes, load_model
+from qdiff.graph import (
+    Graph,
+    LoadedModel,
+    ModelLike,
+    attr_value,
+    external_dir,
+    initializer_bytes,
+    layer_macs,
+    load_model,
+)
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import match_models, no_weight_values
 from qdiff.result import (
@@ -138,7 +147,8 @@ def compare(
     if isinstance(tensor_map, (str, os.PathLike)):
         tensor_map = load_tensor_map(tensor_map)
     local = workers == 1 and executor is None
-    setup = _SetUp(session_factory, q_loaded, engine == "numpy" and prefuse_pays(source.count)) if local else None
+    prefuse = prefuse_pays(source.count, layer_macs(fg))
+    setup = _SetUp(session_factory, q_loaded, engine == "numpy" and prefuse) if local else None
     # the weight table is computed as the matching finds the weights, one at a time, and before
     # the sessions load the models (a 2 GB model's float weights and their dequantized twins are
     # 4 GB of arrays)
@@ -425,7 +435,8 @@ def _measure(
     compiled = _kernels.available()
     if eng is None:
         eng = _NumpyEngine(
-            factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg, prefuse=prefuse_pays(source.count),
+            factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg,
+            prefuse=prefuse_pays(source.count, layer_macs(fg) if fg is not None else None),
             optimized=setup.optimized if setup is not None else None, total=source.count,
         )  # fmt: skip
         notes += eng.notes
@@ -1068,17 +1079,22 @@ _INTEGER_PASS = frozenset(
 
 
 _PREFUSE_MAX_BYTES = 256 << 20
-#: fewer runs than this: the models are tapped as given (see prefuse_pays)
-_PREFUSE_MIN_RUNS = 64
+#: fewer multiply-accumulates than this over all runs: the models are tapped as given (see prefuse_pays)
+_PREFUSE_MIN_MACS = 4e9
 
 
-def prefuse_pays(runs: int | None) -> bool:
-    """Is tapping onnxruntime's fused graph worth its fixed cost for ``runs`` runs (None: unknown)?
+def prefuse_pays(runs: int | None, macs_per_run: int | None = None) -> bool:
+    """Is tapping onnxruntime's fused graph worth its fixed cost for ``runs`` runs of a model doing
+    ``macs_per_run`` multiply-accumulates in its Conv/MatMul/Gemm layers (None: unknown)?
 
-    The optimisation and the check on the first run cost about two session builds (0.11 s on the
-    50-conv CNN) and save ~2 ms per sample there: below :data:`_PREFUSE_MIN_RUNS` the model is
-    tapped as given."""
-    return runs is None or runs >= _PREFUSE_MIN_RUNS
+    The optimisation and the check on the first run cost about two session builds (0.04-0.11 s)
+    and save what the fused integer kernels save, which scales with the layers' work: ~2 ms per
+    sample on the 50-conv CNN (70 M MAC a sample), so about 64 of its samples pay for it
+    (:data:`_PREFUSE_MIN_MACS` in all); the transformer block (0.2 M MAC) would need ~20 000
+    samples, and at 512 its main thread waited 20 ms for a fused graph that saved ~3 ms."""
+    if runs is None or macs_per_run is None:
+        return True
+    return runs * macs_per_run >= _PREFUSE_MIN_MACS
 
 
 def optimized_model(q_proto: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -71,6 +71,34 @@ def initializer_bytes(model: onnx.ModelProto, where: Callable[[onnx.TensorProto]
     return total
 
 
+_MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+def layer_macs(g: Graph) -> int | None:
+    """Multiply-accumulates of one run through the Conv/ConvTranspose/MatMul/Gemm nodes, from the
+    inferred shapes (symbolic dimensions count 1): output elements times the reduction length.
+    None where such a node's shapes are unknown."""
+    total = 0
+    for node in g.nodes:
+        if node.op_type not in _MAC_OPS or len(node.input) < 2:
+            continue
+        out, w = g.shape(node.output[0]), g.shape(node.input[1])
+        if not out or not w:
+            return None
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in out]
+        wd = [d if isinstance(d, int) and d > 0 else 1 for d in w]
+        if node.op_type == "Conv":
+            k = math.prod(wd[1:])
+        elif node.op_type == "ConvTranspose":
+            k = wd[0] * math.prod(wd[2:]) // max(1, int(attr_value(node, "group", 1)))
+        elif node.op_type == "Gemm" and attr_value(node, "transB", 0):
+            k = wd[-1]
+        else:
+            k = wd[-2] if len(wd) >= 2 else wd[0]
+        total += math.prod(dims) * k
+    return total
+
+
 def external_dir(model: onnx.ModelProto) -> str | None:
     """The folder of the external data a model loaded by :func:`load_model` left on disk."""
     for prop in model.metadata_props:

@@ -54,7 +54,7 @@ from qdiff.compare import (
     prefuse_pays,
 )
 from qdiff.errors import UsageError
-from qdiff.graph import Graph, ModelLike
+from qdiff.graph import Graph, ModelLike, layer_macs
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models, no_weight_values
 from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
@@ -214,7 +214,7 @@ def sensitivity(
     first_source = source()
     # onnxruntime's fused graph of the quantized model, made while the graphs are matched and the
     # shadow is built (see below)
-    q_optimized = pipeline.in_background(optimized_model, q_loaded.proto) if prefuse_pays(first_source.count) else None
+    q_optimized = pipeline.in_background(optimized_model, q_loaded.proto) if prefuse_pays(first_source.count, layer_macs(fg)) else None
     if isinstance(tensor_map, (str, os.PathLike)):
         tensor_map = load_tensor_map(tensor_map)
     matching = match_models(fg, qg, tensor_map, weigh=no_weight_values)  # weight values: not needed here

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from builders import conv_feeds, conv_net, finish, quantize
 from onnx import TensorProto, helper, numpy_helper
@@ -19,6 +20,7 @@ from qdiff.structs import DequantParams
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 COLS = ["cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst"]
 compare_module = sys.modules["qdiff.compare"]
+graph_module = sys.modules["qdiff.graph"]
 
 needs_kernels = pytest.mark.skipif(
     not _kernels.available(), reason=f"compiled kernels unavailable: {_kernels.unavailable_reason()}"
@@ -291,8 +293,30 @@ def test_channel_cosines_equal_per_channel_sample_metrics(axis):
     assert got[1] == 1.0 and got[2] == 0.0
 
 
+def _fuse_from_64_runs(monkeypatch, model=SAMPLES / "transformer.float.onnx"):
+    """Make the fused graph pay from 64 runs of ``model`` on (the transformer block is too small to
+    pay for it below ~20 000 runs at the real threshold)."""
+    macs = graph_module.layer_macs(graph_module.Graph(onnx.load(model)))
+    monkeypatch.setattr(compare_module, "_PREFUSE_MIN_MACS", 64 * macs)
+
+
+def test_prefuse_pays_with_the_layers_work():
+    """The fused graph is made where runs x multiply-accumulates repay its two session builds."""
+    def macs(name):
+        return graph_module.layer_macs(graph_module.Graph(onnx.load(SAMPLES / name)))
+
+    assert macs("transformer.float.onnx") == macs("transformer.qdq.onnx") > 100_000
+    assert not compare_module.prefuse_pays(512, macs("transformer.float.onnx"))
+    assert not compare_module.prefuse_pays(10_000, macs("digits_cnn.float.onnx"))
+    assert compare_module.prefuse_pays(64, 70_000_000)  # the 50-conv CNN of bench/ at 64 samples
+    assert compare_module.prefuse_pays(None, 1) and compare_module.prefuse_pays(8, None)  # unknown: made
+    r = qdiff.compare(SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx", samples=512)
+    assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
+
+
 def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
     """Taps found in onnxruntime's fused graph (QLinearConv/QGemm outputs) give the unfused taps' numbers."""
+    _fuse_from_64_runs(monkeypatch)
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
     fused = qdiff.compare(*args, samples=64)
     note = next(n for n in fused.meta["notes"] if "fused graph (" in n)
@@ -305,7 +329,8 @@ def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
     np.testing.assert_allclose(fused.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3)
 
 
-def test_no_fused_graph_for_few_samples():
+def test_no_fused_graph_for_few_samples(monkeypatch):
+    _fuse_from_64_runs(monkeypatch)
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
     r = qdiff.compare(*args, samples=63)
     assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
@@ -322,7 +347,7 @@ def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
     """Sensitivity's quantized model is tapped in onnxruntime's fused graph: the same numbers as
     tapped as given; when the check on the first run disagrees, the model as given is tapped."""
     sens_module = importlib.import_module("qdiff.sensitivity")
-
+    _fuse_from_64_runs(monkeypatch)
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
     fused = qdiff.sensitivity(*args, samples=64, gain=False)
     assert any(n.startswith("quantized model tapped in onnxruntime's fused graph") for n in fused.meta["notes"])
