@@ -261,12 +261,11 @@ def sensitivity(
     # both models tapped in onnxruntime's fused graphs where that gives the same values (see
     # compare._prefused: tapping a QuantizeLinear output stops the fusion of the quantized layers
     # around it, which would then run in float); checked on the first run, else tapped as given
-    q_opt = q_optimized.result() if q_optimized is not None else None
-    fused = (
-        [_prefused(shadow, s_plain, sg), _prefused(q_loaded.proto, q_plain, qg, q_opt) if q_opt is not None else None]
-        if q_optimized is not None
-        else [None, None]
-    )
+    fused: list = [None, None]
+    if q_optimized is not None:  # the shadow's fused graph first: the quantized model's is being made meanwhile
+        fused[0] = _prefused(shadow, s_plain, sg)
+        q_opt = q_optimized.result()
+        fused[1] = _prefused(q_loaded.proto, q_plain, qg, q_opt) if q_opt is not None else None
     # the DequantizeLinear nodes nothing reads any more go (in the fused shadow only after
     # onnxruntime fused it: a QuantizeLinear nothing reads would not be fused)
     if fused[0] is not None:
