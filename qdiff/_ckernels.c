@@ -120,11 +120,8 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
     }
 #endif
 
-#define SUMS_BODY(LOAD_C, LOAD_R4, LOAD_C4)                                                \
-    double rr[4] = {0, 0, 0, 0}, cc[4] = {0, 0, 0, 0}, rc[4] = {0, 0, 0, 0};               \
-    double dd[4] = {0, 0, 0, 0}, sad[4] = {0, 0, 0, 0}, mx[4] = {0, 0, 0, 0};              \
-    int64_t i = 0;                                                                         \
-    SUMS_MAIN(LOAD_C, LOAD_R4, LOAD_C4)                                                    \
+/* the elements after the last whole 4 go to lane 0; then the lanes are added in a fixed order */
+#define SUMS_TAIL(LOAD_C)                                                                  \
     for (; i < m; i++) {                                                                   \
         double a = (double)r[i];                                                           \
         double b = LOAD_C(i);                                                              \
@@ -136,7 +133,8 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
         dd[0] += d * d;                                                                    \
         sad[0] += ad;                                                                      \
         mx[0] = ad > mx[0] ? ad : mx[0];                                                   \
-    }                                                                                      \
+    }
+#define SUMS_OUT                                                                           \
     out[0] = (rr[0] + rr[1]) + (rr[2] + rr[3]);                                            \
     out[1] = (cc[0] + cc[1]) + (cc[2] + cc[3]);                                            \
     out[2] = (rc[0] + rc[1]) + (rc[2] + rc[3]);                                            \
@@ -147,6 +145,14 @@ static inline int64_t bin_of(double x, double lo, double factor, int64_t last) {
         double b = mx[2] > mx[3] ? mx[2] : mx[3];                                          \
         out[5] = a > b ? a : b;                                                            \
     }
+
+#define SUMS_BODY(LOAD_C, LOAD_R4, LOAD_C4)                                                \
+    double rr[4] = {0, 0, 0, 0}, cc[4] = {0, 0, 0, 0}, rc[4] = {0, 0, 0, 0};               \
+    double dd[4] = {0, 0, 0, 0}, sad[4] = {0, 0, 0, 0}, mx[4] = {0, 0, 0, 0};              \
+    int64_t i = 0;                                                                         \
+    SUMS_MAIN(LOAD_C, LOAD_R4, LOAD_C4)                                                    \
+    SUMS_TAIL(LOAD_C)                                                                      \
+    SUMS_OUT
 
 #define LOAD_FLOAT(j) ((double)c[j])
 #define LOAD_DEQ(j) ((double)(((float)c[j] - zp) * scale))
@@ -280,8 +286,8 @@ static void minmax_f64(const double *x, int64_t m, double *lo, double *hi) {
     *hi = b;
 }
 
-#define DEFINE_MINMAX_INT(NAME, T)                                                         \
-    static void NAME(const T *x, int64_t m, int32_t *lo, int32_t *hi) {                    \
+#define DEFINE_MINMAX_INT(ATTR, NAME, T)                                                   \
+    ATTR static void NAME(const T *x, int64_t m, int32_t *lo, int32_t *hi) {               \
         T a = (T)*lo, b = (T)*hi;                                                          \
         for (int64_t i = 0; i < m; i++) {                                                  \
             a = x[i] < a ? x[i] : a;                                                       \
@@ -291,10 +297,11 @@ static void minmax_f64(const double *x, int64_t m, double *lo, double *hi) {
         *hi = b;                                                                           \
     }
 
-DEFINE_MINMAX_INT(minmax_i8, int8_t)
-DEFINE_MINMAX_INT(minmax_u8, uint8_t)
-DEFINE_MINMAX_INT(minmax_i16, int16_t)
-DEFINE_MINMAX_INT(minmax_u16, uint16_t)
+#define NO_ATTR
+DEFINE_MINMAX_INT(NO_ATTR, minmax_i8, int8_t)
+DEFINE_MINMAX_INT(NO_ATTR, minmax_u8, uint8_t)
+DEFINE_MINMAX_INT(NO_ATTR, minmax_i16, int16_t)
+DEFINE_MINMAX_INT(NO_ATTR, minmax_u16, uint16_t)
 
 /*
  * AVX2 (x86-64 with GCC or Clang, chosen at run time where the CPU has it): the same 4-lane sums
@@ -328,7 +335,7 @@ static int avx2_on(void) {
         (void)raw;                                                                         \
     }
 
-#define DEFINE_SUMS_AVX2(NAME, CT, LOADC, C_IS_F32)                                        \
+#define DEFINE_SUMS_AVX2(NAME, CT, LOADC, LOAD_SCALAR, C_IS_F32)                           \
     AVX2_FN static void NAME(const float *r, const CT *c, int64_t m, const double *lut,    \
                              double *out, float *rlo, float *rhi, float *clo, float *chi) { \
         (void)lut;                                                                         \
@@ -376,21 +383,11 @@ static int avx2_on(void) {
                 b_hi = u[l] > b_hi ? u[l] : b_hi;                                          \
             }                                                                              \
         }                                                                                  \
-        for (; i < m; i++) {                                                               \
-            double a = (double)r[i];                                                       \
-            double b = C_IS_F32 ? (double)((const float *)(const void *)c)[i] : lut[(uint8_t)c[i]]; \
-            double d = a - b;                                                              \
-            double ad = fabs(d);                                                           \
-            rr[0] += a * a;                                                                \
-            cc[0] += b * b;                                                                \
-            rc[0] += a * b;                                                                \
-            dd[0] += d * d;                                                                \
-            sad[0] += ad;                                                                  \
-            mx[0] = ad > mx[0] ? ad : mx[0];                                               \
-            a_lo = r[i] < a_lo ? r[i] : a_lo;                                              \
-            a_hi = r[i] > a_hi ? r[i] : a_hi;                                              \
+        for (int64_t j = i; j < m; j++) {                                                  \
+            a_lo = r[j] < a_lo ? r[j] : a_lo;                                              \
+            a_hi = r[j] > a_hi ? r[j] : a_hi;                                              \
             if (C_IS_F32) {                                                                \
-                float cv = ((const float *)(const void *)c)[i];                            \
+                float cv = ((const float *)(const void *)c)[j];                            \
                 b_lo = cv < b_lo ? cv : b_lo;                                              \
                 b_hi = cv > b_hi ? cv : b_hi;                                              \
             }                                                                              \
@@ -401,35 +398,17 @@ static int avx2_on(void) {
             *clo = b_lo;                                                                   \
             *chi = b_hi;                                                                   \
         }                                                                                  \
-        out[0] = (rr[0] + rr[1]) + (rr[2] + rr[3]);                                        \
-        out[1] = (cc[0] + cc[1]) + (cc[2] + cc[3]);                                        \
-        out[2] = (rc[0] + rc[1]) + (rc[2] + rc[3]);                                        \
-        out[3] = (dd[0] + dd[1]) + (dd[2] + dd[3]);                                        \
-        out[4] = (sad[0] + sad[1]) + (sad[2] + sad[3]);                                    \
-        {                                                                                  \
-            double x_ = mx[0] > mx[1] ? mx[0] : mx[1];                                     \
-            double y_ = mx[2] > mx[3] ? mx[2] : mx[3];                                     \
-            out[5] = x_ > y_ ? x_ : y_;                                                    \
-        }                                                                                  \
+        SUMS_TAIL(LOAD_SCALAR)                                                             \
+        SUMS_OUT                                                                           \
     }
 
-DEFINE_SUMS_AVX2(sums_f32_f32_avx2, float, AVX_C_F32, 1)
-DEFINE_SUMS_AVX2(sums_f32_i8_avx2, int8_t, AVX_C_LUT, 0)
-DEFINE_SUMS_AVX2(sums_f32_u8_avx2, uint8_t, AVX_C_LUT, 0)
+DEFINE_SUMS_AVX2(sums_f32_f32_avx2, float, AVX_C_F32, LOAD_FLOAT, 1)
+DEFINE_SUMS_AVX2(sums_f32_i8_avx2, int8_t, AVX_C_LUT, LOAD_LUT, 0)
+DEFINE_SUMS_AVX2(sums_f32_u8_avx2, uint8_t, AVX_C_LUT, LOAD_LUT, 0)
 
-#define DEFINE_MINMAX_INT_AVX2(NAME, T)                                                    \
-    AVX2_FN static void NAME(const T *x, int64_t m, int32_t *lo, int32_t *hi) {            \
-        T a = (T)*lo, b = (T)*hi;                                                          \
-        for (int64_t i = 0; i < m; i++) {                                                  \
-            a = x[i] < a ? x[i] : a;                                                       \
-            b = x[i] > b ? x[i] : b;                                                       \
-        }                                                                                  \
-        *lo = a;                                                                           \
-        *hi = b;                                                                           \
-    }
-
-DEFINE_MINMAX_INT_AVX2(minmax_i8_avx2, int8_t)
-DEFINE_MINMAX_INT_AVX2(minmax_u8_avx2, uint8_t)
+/* the same loop, which the compiler vectorises with AVX2 here */
+DEFINE_MINMAX_INT(AVX2_FN, minmax_i8_avx2, int8_t)
+DEFINE_MINMAX_INT(AVX2_FN, minmax_u8_avx2, uint8_t)
 
 AVX2_FN static void hist_f32_avx2(const float *x, int64_t m, double lo, double factor, int64_t bins,
                                   int32_t *sub, int64_t *h) {
