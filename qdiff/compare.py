@@ -301,16 +301,21 @@ def load_tensor_map(path: str | os.PathLike[str]) -> dict[str, str]:
 def _identity_warnings(weights: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
     """Say so up front when the two models do not look like the same network."""
     out = []
-    w = weights[weights["role"] == "weight"]["cosine"].dropna() if len(weights) else pd.Series(dtype=float)
-    if len(w) >= 2 and float(w.median()) < 0.5:
+    # plain arrays, not filtered frames (those cost ~3 ms, a tenth of compare on the digits CNN at 8 samples)
+    w = np.zeros(0)
+    if len(weights):
+        w = weights["cosine"].to_numpy(dtype=float, na_value=np.nan)[weights["role"].to_numpy() == "weight"]
+        w = w[~np.isnan(w)]
+    if len(w) >= 2 and float(np.median(w)) < 0.5:
         out.append(
             f"the models do not look like the same network: the weights of {int((w < 0.5).sum())} of {len(w)} layers "
-            f"do not correlate (median cosine {float(w.median()):.3f}); check that QUANT was made from FLOAT"
+            f"do not correlate (median cosine {float(np.median(w)):.3f}); check that QUANT was made from FLOAT"
         )
-    acts = layers[layers["kind"] == "activation"]["cosine"].dropna()
-    if len(acts) >= 2 and float(acts.iloc[0]) < 0.5 and not out:
+    acts = layers["cosine"].to_numpy(dtype=float, na_value=np.nan)[layers["kind"].to_numpy() == "activation"]
+    acts = acts[~np.isnan(acts)]
+    if len(acts) >= 2 and float(acts[0]) < 0.5 and not out:
         out.append(
-            f"error is large from the first layer on (cosine {float(acts.iloc[0]):.3f}); check that QUANT was made "
+            f"error is large from the first layer on (cosine {float(acts[0]):.3f}); check that QUANT was made "
             "from FLOAT and that both take the same input preprocessing"
         )
     return out

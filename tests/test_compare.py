@@ -265,3 +265,27 @@ def test_max_memory_fetches_taps_in_groups():
     assert any("split into" in n for n in b.meta["notes"])
     cols = ["cosine", "mse", "max_abs", "sqnr_db", "kl"]
     np.testing.assert_array_equal(a.layers[cols].to_numpy(), b.layers[cols].to_numpy())
+
+
+def test_unrelated_models_are_flagged_with_counts_from_the_weight_table(tmp_path):
+    """Weights that do not correlate with the float model's: one warning, its counts those of the
+    weight table (an independent count over the rows), nothing for the model with itself."""
+    import re
+
+    model = onnx.load(SAMPLES / "digits_cnn.float.onnx")
+    rng = np.random.default_rng(5)
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    for t in other.graph.initializer:
+        value = numpy_helper.to_array(t)
+        if value.dtype == np.float32 and value.size > 1:
+            t.CopyFrom(numpy_helper.from_array(rng.standard_normal(value.shape).astype(np.float32), t.name))
+    path = tmp_path / "unrelated.onnx"
+    onnx.save(other, path)
+    r = qdiff.compare(SAMPLES / "digits_cnn.float.onnx", path, samples=4)
+    (warning,) = [w for w in r.meta["warnings"] if "do not look like the same network" in w]
+    w = r.weights[r.weights["role"] == "weight"]["cosine"].dropna().to_numpy()
+    n_bad, n_all = map(int, re.search(r"weights of (\d+) of (\d+) layers", warning).groups())
+    assert (n_bad, n_all) == (int((w < 0.5).sum()), len(w)) and n_all >= 4
+    assert f"median cosine {np.median(w):.3f}" in warning
+    assert qdiff.compare(SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.float.onnx", samples=4).meta["warnings"] == []
