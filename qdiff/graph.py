@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,27 @@ def external_dir(model: onnx.ModelProto) -> str | None:
         if prop.key == EXTERNAL_DIR_KEY:
             return prop.value
     return None
+
+
+def save_with_data(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` to ``path`` for a tool that reads it from there (onnxruntime's quantizer and
+    calibrator): weights :func:`load_model` left on disk are copied into ``path``'s folder, since
+    their locations are relative to the model's own folder (onnx refuses symbolic links and files
+    with several hard links there)."""
+    import shutil
+
+    onnx.save(model, path)
+    folder = external_dir(model)
+    if folder is None:
+        return
+    target = Path(path).resolve().parent
+    for loc in {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}:
+        src, dst = (Path(folder) / loc).resolve(), (target / loc).resolve()
+        if not dst.is_relative_to(target):  # a location outside the model's folder: not ours to write
+            continue
+        if src.exists() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
 
 
 def _external_bytes(model: onnx.ModelProto) -> int:

@@ -44,7 +44,7 @@ import onnx
 
 from qdiff.config import QuantConfig, LayerConfig
 from qdiff.errors import QdiffError, UsageError
-from qdiff.graph import Graph, ModelLike, initializer_bytes, load_model
+from qdiff.graph import Graph, ModelLike, initializer_bytes, load_model, save_with_data
 from qdiff.inputs import DataLike, input_specs, make_source
 from qdiff.passes import PassResult
 
@@ -237,7 +237,7 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="qdiff-quant-") as tmp:
         src = os.path.join(tmp, "float.onnx")
         dst = os.path.join(tmp, "quant.onnx")
-        onnx.save(model, src)
+        save_with_data(model, src)
         try:
             with contextlib.redirect_stdout(io.StringIO()), _quiet_root_logger():
                 quantize_static(
@@ -388,7 +388,7 @@ def calibrate_ranges(
     wanted = set(tensors) if tensors is not None else None
     with tempfile.TemporaryDirectory(prefix="qdiff-calib-") as tmp:
         src = os.path.join(tmp, "model.onnx")
-        onnx.save(model, src)
+        save_with_data(model, src)
         extra = {"percentile": percentile} if method == "Percentile" else {}
         try:
             calibrator = create_calibrator(

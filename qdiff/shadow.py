@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qdiff.graph import _topological
+from qdiff.graph import _topological, external_dir
 from qdiff.structs import DequantParams, Entry, Region
 
 __all__ = ["build_shadow", "keep_float", "prune_unread", "quantize_only"]
@@ -36,6 +36,10 @@ class _Builder:
         self.model = onnx.ModelProto()
         self.model.CopyFrom(base)
         self.other_inits = {t.name: t for t in other.graph.initializer}
+        # weights ``other`` left on disk (graph.load_model) are read here where the built model
+        # would look for them in another folder: the built model records only ``base``'s
+        other_dir = external_dir(other)
+        self._other_dir = other_dir if other_dir is not None and other_dir != external_dir(base) else None
         self.added_inits: set[str] = set()
         self.existing = {t.name for t in self.model.graph.initializer}
         self.nodes: list[onnx.NodeProto] = []
@@ -59,9 +63,13 @@ class _Builder:
     def other_init(self, name: str, prefix: str) -> str:
         new = prefix + name
         if new not in self.added_inits:
-            t = onnx.TensorProto()
-            t.CopyFrom(self.other_inits[name])
-            t.name = new
+            src = self.other_inits[name]
+            if self._other_dir is not None and src.data_location == onnx.TensorProto.EXTERNAL:
+                t = numpy_helper.from_array(numpy_helper.to_array(src, base_dir=self._other_dir), new)
+            else:
+                t = onnx.TensorProto()
+                t.CopyFrom(src)
+                t.name = new
             self.model.graph.initializer.append(t)
             self.added_inits.add(new)
         return new

@@ -439,3 +439,34 @@ def test_column_sums_equal_numpy_and_nan_weights_take_the_careful_path():
     got = compare_module._channel_cosines(ref, cand, 1)
     want = [qm.sample_metrics(ref[:, k], cand[:, k]).cosine for k in range(ref.shape[1])]
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_weights_on_disk_in_two_folders_for_sensitivity_and_quantize(tmp_path, monkeypatch):
+    """Float and quantized models whose weights stay on disk in different folders: the shadow
+    model (float base, quantized regions) reads the quantized weights it copies, and onnxruntime's
+    quantizer gets the float model's data beside the copy it reads; same numbers as loaded."""
+    import onnx
+
+    from qdiff import graph
+    from qdiff.quantize import init_config
+    from qdiff.quantize import quantize as quantize_model
+
+    f = tmp_path / "f.onnx"
+    conv_net(f)
+    q = quantize(f, tmp_path / "q.onnx", conv_feeds(8))
+    for src, sub in ((f, "a"), (q, "b")):
+        (tmp_path / sub).mkdir()
+        onnx.save(onnx.load(src), tmp_path / sub / src.name, save_as_external_data=True, location=src.stem + ".data", size_threshold=0)
+    fa, qb = tmp_path / "a" / "f.onnx", tmp_path / "b" / "q.onnx"
+    data = {"x": np.concatenate([d["x"] for d in conv_feeds(12, seed=5)])}
+    loaded = qdiff.sensitivity(fa, qb, data=data, gain=False)
+    monkeypatch.setattr(graph, "KEEP_EXTERNAL_BYTES", 0)
+    monkeypatch.chdir(tmp_path)
+    assert graph.external_dir(graph.load_model(qb).proto) == str((tmp_path / "b").resolve())
+    on_disk = qdiff.sensitivity(fa, qb, data=data, gain=False)
+    cols = [c for c in loaded.layers.columns if c.endswith("cosine")]
+    np.testing.assert_array_equal(on_disk.layers[cols].to_numpy(float), loaded.layers[cols].to_numpy(float))
+    out = tmp_path / "requantized.onnx"
+    quantize_model(fa, init_config(fa), data, out)
+    r = qdiff.compare(fa, out, data=data)
+    assert len(r.layers) >= 3 and float(r.layers["cosine"].min()) > 0.9
