@@ -106,7 +106,9 @@ def compare(
         input_shapes: ``{"x": (1, 3, 224, 224)}`` or ``["x:1x3x224x224"]`` for random inputs
             with dynamic dimensions.
         provider: onnxruntime execution provider (ignored when ``session_factory`` is given).
-        session_factory: builds a session from a ModelProto; inject one to run elsewhere.
+        session_factory: builds a session from a ModelProto; inject one to run elsewhere. It is
+            called from several threads at once (sessions open concurrently, some on a set-up
+            thread while the graphs are matched), so it must be thread-safe.
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
         tensor_map: float tensor -> quantized tensor pairs overriding or completing the matching,
             or the path of a JSON/CSV file holding them (see :func:`load_tensor_map`).
