@@ -446,6 +446,19 @@ int qd_avx2(int want) {
 #endif
 }
 
+enum { KL_SEEN = 64 };
+
+/* x (or log(x) with take_log) for a bin of count h, remembered in seen[h] for counts below
+ * KL_SEEN (bit h of *have says it is there): x must be a function of h alone within the row. */
+static inline double by_count(double *seen, uint64_t *have, int64_t h, double x, int take_log) {
+    if (h >= KL_SEEN) return take_log ? log(x) : x;
+    if (!((*have >> h) & 1u)) {
+        seen[h] = take_log ? log(x) : x;
+        *have |= (uint64_t)1 << h;
+    }
+    return seen[h];
+}
+
 /*
  * One row's metrics from its chunk partials (added in chunk order) and, when binned, its two
  * histograms, with the numpy path's formulas: o = (cosine, mse, mae, max_abs, sqnr_db, kl).
@@ -491,60 +504,22 @@ static int finish_row(const double *parts, int64_t n_chunks, const int64_t *hist
     }
     if (hist) {
         /* Every per-bin quantity is a function of the bin's count alone (n, eps, ps and qs are the
-         * row's): count/n + eps, pb = p/ps and its log for P, log(q/qs) for Q. For counts below 64
-         * (most bins of a small tensor, and every empty bin of the tails) each is computed once per
-         * row and looked up after: the same operations on the same values, so the same bits. */
-        enum { SEEN = 64 };
-        double val_seen[SEEN], pb_seen[SEEN], lp_seen[SEEN], lq_seen[SEEN];
+         * row's): count/n + eps, and the logs of p/ps and q/qs. For counts below KL_SEEN (most bins
+         * of a small tensor, and every empty bin of the tails) each is computed once per row and
+         * looked up after (by_count): the same operations on the same values, so the same bits. */
+        double val_seen[KL_SEEN], lp_seen[KL_SEEN], lq_seen[KL_SEEN];
         uint64_t have_v = 0, have_p = 0, have_q = 0;
         double ps = 0.0, qs = 0.0;
         for (int64_t b = 0; b < bins; b++) {
-            int64_t hp = hist[b], hq = hist[bins + b];
-            double pv, qv;
-            if (hp < SEEN) {
-                if (!((have_v >> hp) & 1u)) {
-                    val_seen[hp] = (double)hp / (double)n + eps;
-                    have_v |= (uint64_t)1 << hp;
-                }
-                pv = val_seen[hp];
-            } else
-                pv = (double)hp / (double)n + eps;
-            if (hq < SEEN) {
-                if (!((have_v >> hq) & 1u)) {
-                    val_seen[hq] = (double)hq / (double)n + eps;
-                    have_v |= (uint64_t)1 << hq;
-                }
-                qv = val_seen[hq];
-            } else
-                qv = (double)hq / (double)n + eps;
-            p[b] = pv;
-            q[b] = qv;
-            ps += pv;
-            qs += qv;
+            p[b] = by_count(val_seen, &have_v, hist[b], (double)hist[b] / (double)n + eps, 0);
+            q[b] = by_count(val_seen, &have_v, hist[bins + b], (double)hist[bins + b] / (double)n + eps, 0);
+            ps += p[b];
+            qs += q[b];
         }
         for (int64_t b = 0; b < bins; b++) {
-            int64_t hp = hist[b], hq = hist[bins + b];
-            double pb, lp, lq;
-            if (hp < SEEN) {
-                if (!((have_p >> hp) & 1u)) {
-                    pb_seen[hp] = p[b] / ps;
-                    lp_seen[hp] = log(pb_seen[hp]);
-                    have_p |= (uint64_t)1 << hp;
-                }
-                pb = pb_seen[hp];
-                lp = lp_seen[hp];
-            } else {
-                pb = p[b] / ps;
-                lp = log(pb);
-            }
-            if (hq < SEEN) {
-                if (!((have_q >> hq) & 1u)) {
-                    lq_seen[hq] = log(q[b] / qs);
-                    have_q |= (uint64_t)1 << hq;
-                }
-                lq = lq_seen[hq];
-            } else
-                lq = log(q[b] / qs);
+            double pb = p[b] / ps;
+            double lp = by_count(lp_seen, &have_p, hist[b], pb, 1);
+            double lq = by_count(lq_seen, &have_q, hist[bins + b], q[b] / qs, 1);
             kl += pb * (lp - lq);
         }
         kl = kl > 0.0 ? kl : 0.0;

@@ -149,8 +149,7 @@ def compare(
     if isinstance(tensor_map, (str, os.PathLike)):
         tensor_map = load_tensor_map(tensor_map)
     local = workers == 1 and executor is None
-    prefuse = prefuse_pays(source.count, layer_macs(fg))
-    setup = _SetUp(session_factory, q_loaded, engine == "numpy" and prefuse) if local else None
+    setup = _SetUp(session_factory, q_loaded, prefuse_pays(source.count, layer_macs(fg)), engine) if local else None
     # the weight table is computed as the matching finds the weights, one at a time, and before
     # the sessions load the models (a 2 GB model's float weights and their dequantized twins are
     # 4 GB of arrays)
@@ -441,9 +440,12 @@ def _measure(
             notes.append(f"fused engine unavailable ({exc}); numpy engine used")
     compiled = _kernels.available()
     if eng is None:
+        if setup is not None:
+            prefuse = setup.prefuse
+        else:
+            prefuse = prefuse_pays(source.count, layer_macs(fg) if fg is not None else None)
         eng = _NumpyEngine(
-            factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg,
-            prefuse=prefuse_pays(source.count, layer_macs(fg) if fg is not None else None),
+            factory, f_loaded, q_loaded, pairs, outputs, max_memory, fg, compiled, qg, prefuse=prefuse,
             optimized=setup.optimized if setup is not None else None, total=source.count,
         )  # fmt: skip
         notes += eng.notes
@@ -536,18 +538,19 @@ class _SetUp:
     """What compare needs from the quantized model whatever the matching finds, prepared on a
     background thread while the caller matches the graphs and builds the weight table (the
     onnxruntime work releases the GIL, so on two cores it costs no wall time): onnxruntime's fused
-    graph (:func:`optimized_model`, when ``prefuse``) and the untapped session of the deployed-model
-    check. Not for models above :data:`_PREFUSE_MAX_BYTES` or with weights on disk: the futures are
+    graph (:func:`optimized_model`, when ``prefuse`` — :func:`prefuse_pays`' answer, kept for the
+    engine — and the numpy engine) and the untapped session of the deployed-model check. Not for models above :data:`_PREFUSE_MAX_BYTES` or with weights on disk: the futures are
     None then, and the deployed-model check opens its session after the tapped sessions close (a
     third session of a big model while the tapped two are open was 1.5 GB more peak)."""
 
-    def __init__(self, factory, q_loaded, prefuse: bool):
+    def __init__(self, factory, q_loaded, prefuse: bool, engine: str):
+        self.prefuse = prefuse
         self.optimized: Future | None = None
         self.deployed: Future | None = None
         proto = q_loaded.proto
         if external_dir(proto) is not None or initializer_bytes(proto) > _PREFUSE_MAX_BYTES:
             return
-        if prefuse:  # the engine waits for it before the first group
+        if prefuse and engine == "numpy":  # the engine waits for it before the first group
             self.optimized = pipeline.in_background(optimized_model, proto)
         self.deployed = pipeline.in_background(open_session, factory, proto, q_loaded.label)
 

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from qdiff.errors import ModelError
 
 __all__ = [
-    "LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike", "byte_size", "external_dir", "initializer_bytes",
+    "LoadedModel", "Graph", "load_model", "with_ir_version", "ModelLike", "external_dir", "initializer_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,6 @@ EXTERNAL_DIR_KEY = "qdiff.external_data_dir"
 KEEP_EXTERNAL_BYTES = 256 << 20
 #: constant values up to this size are cached by Graph.const_value
 _CACHE_MAX_BYTES = 16 << 20
-
-
-def byte_size(model: onnx.ModelProto) -> int:
-    """The serialized size of a model, or a number above 2 GB where protobuf refuses to count."""
-    try:
-        return model.ByteSize()
-    except Exception:  # noqa: BLE001 - protobuf's EncodeError above 2 GB
-        return 2**31
 
 
 def initializer_bytes(model: onnx.ModelProto, where: Callable[[onnx.TensorProto], bool] | None = None) -> int:

@@ -708,10 +708,6 @@ class _ExactSum:
         else:
             raise ValueError("cannot accumulate NaN")
 
-    def add_many(self, x: np.ndarray) -> None:
-        """Add every value of a float64 array; the same as adding them one by one, in any order."""
-        add_exact_columns([self], np.asarray(x, dtype=np.float64).reshape(-1, 1))
-
     def merged(self, other: _ExactSum) -> _ExactSum:
         out = _ExactSum()
         out.fixed = self.fixed + other.fixed
