@@ -1526,36 +1526,48 @@ def _rows_metrics(refs: np.ndarray, cands: np.ndarray) -> list[metrics.SampleMet
 def _channel_cosines(ref: np.ndarray, cand: np.ndarray, axis: int) -> np.ndarray:
     """Cosine of each channel (slices along ``axis``), with sample_metrics' conventions.
 
-    A leading channel axis gives contiguous rows (the kernels); a trailing one (MatMul/Gemm
-    weights) is reduced per column without transposing the weight (a 256 MB transpose took
-    ~1.5 s): compiled (``_kernels.column_sums``, ~1 ns per element pair) or in float64 blocks
-    with numpy (~10 ns); other axes are moved to the front.
+    From float64 sums Σr², Σc², Σrc per channel: a trailing channel axis (MatMul/Gemm weights)
+    is reduced per column without transposing the weight (a 256 MB transpose took ~1.5 s),
+    compiled (``_kernels.column_sums``, ~1 ns per element pair) or in float64 blocks with numpy;
+    a leading one row by row in float64 blocks (the full metrics of every channel, histograms
+    included, took 2-3x as long on conv weights); other axes are moved to the front. Weights
+    holding NaN/Inf (non-finite sums: float32 squares cannot overflow float64) go through
+    :func:`_rows_metrics`, which counts them.
     """
     channels = ref.shape[axis]
     sums = None
     if axis == ref.ndim - 1:
-        # compiled per-column sums (finite sums mean finite values: float32 squares cannot overflow)
         sums = _kernels.column_sums(ref.reshape(-1, channels), cand.reshape(-1, channels))
-        if sums is not None and not all(np.isfinite(s).all() for s in sums):
-            sums = None
-        elif sums is None and np.isfinite(ref).all() and np.isfinite(cand).all():
-            r2, c2 = ref.reshape(-1, channels), cand.reshape(-1, channels)
-            rr, cc, rc = np.zeros(channels), np.zeros(channels), np.zeros(channels)
-            step = max(1, (1 << 22) // channels)
-            for i in range(0, r2.shape[0], step):
-                a, b = r2[i : i + step].astype(np.float64), c2[i : i + step].astype(np.float64)
-                rr += np.einsum("ij,ij->j", a, a)
-                cc += np.einsum("ij,ij->j", b, b)
-                rc += np.einsum("ij,ij->j", a, b)
-            sums = rr, cc, rc
-    if sums is not None:
-        rr, cc, rc = sums
-        with np.errstate(invalid="ignore", divide="ignore"):
-            cos = np.clip(rc / np.sqrt(rr * cc), -1.0, 1.0)
-        return np.where((rr == 0) & (cc == 0), 1.0, np.where((rr == 0) | (cc == 0), 0.0, cos))
-    r = np.moveaxis(ref, axis, 0).reshape(channels, -1)
-    c = np.moveaxis(cand, axis, 0).reshape(channels, -1)
-    return np.array([1.0 if v.cosine is None else v.cosine for v in _rows_metrics(r, c)])
+        if sums is None:
+            sums = _block_sums(ref.reshape(-1, channels), cand.reshape(-1, channels), "ij,ij->j", 0)
+    else:
+        r = np.moveaxis(ref, axis, 0).reshape(channels, -1)
+        c = np.moveaxis(cand, axis, 0).reshape(channels, -1)
+        sums = _block_sums(r, c, "ij,ij->i", 1)
+    rr, cc, rc = sums
+    if not (np.isfinite(rr).all() and np.isfinite(cc).all() and np.isfinite(rc).all()):
+        r = np.moveaxis(ref, axis, 0).reshape(channels, -1)
+        c = np.moveaxis(cand, axis, 0).reshape(channels, -1)
+        return np.array([1.0 if v.cosine is None else v.cosine for v in _rows_metrics(r, c)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.clip(rc / np.sqrt(rr * cc), -1.0, 1.0)
+    return np.where((rr == 0) & (cc == 0), 1.0, np.where((rr == 0) | (cc == 0), 0.0, cos))
+
+
+def _block_sums(r: np.ndarray, c: np.ndarray, spec: str, along: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Σr², Σc², Σrc of two 2-D float arrays reduced by ``spec`` (einsum), in float64 blocks of
+    about 4M elements cut along axis ``along`` (the axis that is summed over), so a big weight
+    never has a float64 copy."""
+    out = r.shape[1 - along]
+    rr, cc, rc = np.zeros(out), np.zeros(out), np.zeros(out)
+    step = max(1, (1 << 22) // max(1, out))
+    for i in range(0, r.shape[along], step):
+        cut = (slice(None), slice(i, i + step)) if along == 1 else (slice(i, i + step), slice(None))
+        a, b = r[cut].astype(np.float64), c[cut].astype(np.float64)
+        rr += np.einsum(spec, a, a)
+        cc += np.einsum(spec, b, b)
+        rc += np.einsum(spec, a, b)
+    return rr, cc, rc
 
 
 def _weight_row(w: WeightPair) -> dict[str, Any]:

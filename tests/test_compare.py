@@ -289,3 +289,61 @@ def test_unrelated_models_are_flagged_with_counts_from_the_weight_table(tmp_path
     assert (n_bad, n_all) == (int((w < 0.5).sum()), len(w)) and n_all >= 4
     assert f"median cosine {np.median(w):.3f}" in warning
     assert qdiff.compare(SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.float.onnx", samples=4).meta["warnings"] == []
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [("digits_cnn.float.onnx", "digits_cnn.qdq_per_channel.onnx"), ("transformer.float.onnx", "transformer.qdq.onnx")],
+)
+def test_weight_table_matches_numpy_per_channel(pair):
+    """Each weight row's cosine and worst channel against plain numpy on the float initializer and
+    the quantized model's DequantizeLinear of it (Conv/Gemm channels on axis 0, MatMul columns)."""
+    fm, qm = (onnx.load(SAMPLES / p) for p in pair)
+    inits = {t.name: numpy_helper.to_array(t) for m in (fm, qm) for t in m.graph.initializer}
+    dq = {n.input[0]: n for n in qm.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    r = qdiff.compare(SAMPLES / pair[0], SAMPLES / pair[1], samples=2)
+    rows = r.weights[r.weights["worst_channel"].notna()]
+    assert len(rows) >= 4
+    for row in rows.itertuples():
+        f = inits[row.float_tensor].astype(np.float64)
+        node = dq[row.quant_tensor]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        scale, zp = inits[node.input[1]], inits[node.input[2]]
+        if scale.ndim:  # per-channel: broadcast along the axis
+            shape = [1] * f.ndim
+            shape[axis] = -1
+            scale, zp = scale.reshape(shape), zp.reshape(shape)
+        q = _np_dequantize(inits[row.quant_tensor], scale, zp).astype(np.float64)  # float32, as onnxruntime
+        cos = np.sum(f * q) / np.sqrt(np.sum(f * f) * np.sum(q * q))
+        assert row.cosine == pytest.approx(cos, abs=1e-12)
+        ch = 0 if row.op_type in ("Conv", "Gemm") else f.ndim - 1
+        fc, qc = np.moveaxis(f, ch, 0).reshape(f.shape[ch], -1), np.moveaxis(q, ch, 0).reshape(f.shape[ch], -1)
+        per = np.sum(fc * qc, 1) / np.sqrt(np.sum(fc * fc, 1) * np.sum(qc * qc, 1))
+        assert int(row.worst_channel) == int(np.argmin(per))
+        assert row.worst_channel_cosine == pytest.approx(per.min(), abs=1e-12)
+
+
+def test_channel_cosines_conventions_and_non_finite_weights():
+    """Zero channels (both: 1, one: 0), a channel holding inf (counted by the row metrics), every
+    axis; against numpy on the finite channels."""
+    import sys
+
+    cmp = sys.modules["qdiff.compare"]
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    cand = (ref + 0.1 * rng.standard_normal(ref.shape)).astype(np.float32)
+    for axis in (0, 1, 2):
+        r, c = np.moveaxis(ref.copy(), axis, 0), np.moveaxis(cand.copy(), axis, 0)
+        r[1], c[1] = 0, 0
+        c[2] = 0
+        got = cmp._channel_cosines(np.moveaxis(r, 0, axis), np.moveaxis(c, 0, axis), axis)
+        a, b = r.reshape(len(r), -1).astype(np.float64), c.reshape(len(c), -1).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            want = np.sum(a * b, 1) / np.sqrt(np.sum(a * a, 1) * np.sum(b * b, 1))
+        want[1], want[2] = 1.0, 0.0
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+        r[3, 0] = np.inf
+        got = cmp._channel_cosines(np.moveaxis(r, 0, axis), np.moveaxis(c, 0, axis), axis)
+        keep = [i for i in range(len(r)) if i != 3]
+        np.testing.assert_allclose(got[keep], want[keep], rtol=0, atol=1e-12)
+        assert np.isfinite(got[3])  # the finite elements of that channel
