@@ -540,7 +540,8 @@ static int finish_row(const double *parts, int64_t n_chunks, const int64_t *hist
  * mse, mae, max_abs, sqnr_db, kl, good): good is 1.0, or 0.0 where the row must take the careful
  * path (non-finite or non-normal sums, a range too narrow to bin). Integer candidates' range is
  * the dequantized range of their codes (dequantization is monotonic: the caller passes integer
- * codes only with scale > 0), computed as numpy would in float32.
+ * codes only with scale > 0), computed as numpy would in float32. bins == 0: no pass 2 (kl is
+ * 0; callers that ask for it do not report KL).
  * Returns 0, -1 for an unsupported type pair, -2 when scratch memory cannot be had.
  */
 int qd_metrics(const void *r, int r_type, const void *c, int c_type, float scale, float zp,
@@ -660,6 +661,12 @@ int qd_metrics(const void *r, int r_type, const void *c, int c_type, float scale
         double factor = has_range ? (double)bins / (hi - lo) : 0.0;
         int todo = finite && n > 0 && has_range && isfinite(factor) && isfinite(lo) && isfinite(hi);
         double *o = res + row * 7;
+        if (bins == 0) {
+            /* no histograms asked for (KL not reported): the sums' metrics, kl 0; non-finite or
+             * non-normal sums still take the careful path */
+            o[6] = finish_row(parts, n_chunks, NULL, n, bins, tiny, cap, eps, probs, o);
+            continue;
+        }
         if (!todo) {
             /* a row without a range is not binned (KL 0); one whose range is too narrow to bin,
              * or with a non-finite value, takes the careful path */

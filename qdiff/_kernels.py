@@ -125,7 +125,8 @@ def row_metrics(
     ``cands`` may hold the integer output of a QuantizeLinear with ``dequant`` its per-tensor scale
     and zero point (per-channel taps are dequantized by the caller, in their own layout).
     ``threads``: 1 keeps the call on the calling thread (a pipeline worker); None splits calls
-    of several large rows over two threads where there are two cores.
+    of several large rows over two threads where there are two cores. ``bins=0``: no histograms
+    (kl is 0.0 in ``values``; the other five are the same bits), for callers that do not report KL.
 
     Returns:
         ``(values, slow_rows, slow_metrics)``: ``values[i]`` is ``(cosine, mse, mae, max_abs,

@@ -1305,9 +1305,11 @@ class RowFolder:
 
     def __init__(
         self, compiled: bool, max_bytes: int = _ROWS_BUFFER_BYTES, max_rows: int = _ROWS_MAX,
-        immediate_elements: int | None = _ROWS_MAX_ELEMENTS, threads: int | None = None,
+        immediate_elements: int | None = _ROWS_MAX_ELEMENTS, threads: int | None = None, kl: bool = True,
     ):  # fmt: skip
         self.compiled, self.max_bytes, self.max_rows, self.immediate = compiled, max_bytes, max_rows, immediate_elements
+        # kl=False: the kernels skip the histograms (for accumulators made with kl=False)
+        self.bins = metrics.KL_BINS if kl else 0
         self.threads = threads  # kernel threads per call (None: the kernels' default, 1 in a worker thread)
         self._buffers: dict[Any, tuple[metrics.TensorAccumulator, list]] = {}
         self._due: list[tuple[metrics.TensorAccumulator, np.ndarray, np.ndarray, Any]] = []
@@ -1331,7 +1333,8 @@ class RowFolder:
         due, self._due, self._due_copies = self._due, [], 0
         if not due:
             return
-        got = _kernels.many_row_metrics([(r, c, dq) for _, r, c, dq in due], threads=self.threads) if self.compiled else None
+        stacks = [(r, c, dq) for _, r, c, dq in due]
+        got = _kernels.many_row_metrics(stacks, bins=self.bins, threads=self.threads) if self.compiled else None
         if got is None:
             for acc, refs, cands, dq in due:
                 _reduce_rows(acc, refs, cands, dq)

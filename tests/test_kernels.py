@@ -102,6 +102,35 @@ def test_a_rows_values_do_not_depend_on_the_rows_beside_it():
     assert np.array_equal(two, together[2:4])
 
 
+@needs_kernels
+def test_kernels_without_histograms_give_the_same_bits_but_kl():
+    """bins=0 (sensitivity, which reports no KL): every row's other five values are the binned
+    call's bits, kl 0; rows the binned call sends to the careful path for NaN/Inf still go there,
+    and an accumulator made with kl=False reports KL as None."""
+    rng = np.random.default_rng(4)
+    n = 2 * _kernels.CHUNK + 7
+    r = rng.standard_normal((6, n)).astype(np.float32)
+    c = (r + 0.05 * rng.standard_normal(r.shape)).astype(np.float32)
+    r[1], c[1] = 2, 2  # no range
+    c[2, 3] = np.nan
+    r[3] = np.maximum(r[3], 0)
+    dq = DequantParams(np.array(0.02, np.float32), np.array(0, np.uint8))
+    codes = np.clip(np.rint(np.maximum(r, 0) / 0.02), 0, 255).astype(np.uint8)
+    for cand, d in ((c, None), (c.astype(np.float64), None), (codes, dq)):
+        binned, slow_b, _ = _kernels.row_metrics(r, cand, d)
+        plain, slow_p, _ = _kernels.row_metrics(r, cand, d, bins=0)
+        assert slow_p == slow_b
+        ok = [i for i in range(len(r)) if i not in slow_b]
+        assert np.array_equal(plain[ok, :5], binned[ok, :5])
+        assert (plain[ok, 5] == 0).all() and (binned[ok[0], 5] > 0 or cand is codes)
+    acc = qm.TensorAccumulator(kl=False)
+    acc.add_values(plain[ok], n)
+    s = acc.result()
+    assert s.kl is None and s.kl_worst is None and s.cosine == pytest.approx(plain[ok, 0].mean(), rel=1e-15)
+    with pytest.raises(ValueError, match="KL"):
+        acc.merge(qm.TensorAccumulator())
+
+
 def _force_numpy(monkeypatch):
     monkeypatch.setattr(_kernels, "_load", lambda: None)
 
