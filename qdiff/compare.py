@@ -1090,18 +1090,21 @@ _INTEGER_PASS = frozenset(
 
 _PREFUSE_MAX_BYTES = 256 << 20
 #: fewer multiply-accumulates than this over all runs: the models are tapped as given (see prefuse_pays)
-_PREFUSE_MIN_MACS = 4e9
+_PREFUSE_MIN_MACS = 7.5e9
 
 
 def prefuse_pays(runs: int | None, macs_per_run: int | None = None) -> bool:
     """Is tapping onnxruntime's fused graph worth its fixed cost for ``runs`` runs of a model doing
     ``macs_per_run`` multiply-accumulates in its Conv/MatMul/Gemm layers (None: unknown)?
 
-    The optimisation and the check on the first run cost about two session builds (0.04-0.11 s)
-    and save what the fused integer kernels save, which scales with the layers' work: ~2 ms per
-    sample on the 50-conv CNN (70 M MAC a sample), so about 64 of its samples pay for it
-    (:data:`_PREFUSE_MIN_MACS` in all); the transformer block (0.2 M MAC) would need ~20 000
-    samples, and at 512 its main thread waited 20 ms for a fused graph that saved ~3 ms."""
+    The optimisation and the check on the first run cost about two session builds per model and
+    save what the fused integer kernels save, which scales with the layers' work. Measured on the
+    50-conv CNN (70 M MAC a sample; onnxruntime 1.32, fused against as-given taps, 64/128/512
+    samples): compare 0.066 s fixed against 0.64 ms saved a sample, sensitivity (two models)
+    0.16 s against 1.4 ms: they break even at 103 and 112 samples (at 64 the fused graph made
+    compare 8 % and sensitivity 15 % slower; at 512 both 17-22 % quicker), hence
+    :data:`_PREFUSE_MIN_MACS` = 7.5e9 in all. The transformer block (0.2 M MAC) would need
+    ~37 000 samples; at 512 its main thread waited 20 ms for a fused graph that saved ~3 ms."""
     if runs is None or macs_per_run is None:
         return True
     return runs * macs_per_run >= _PREFUSE_MIN_MACS
