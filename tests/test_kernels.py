@@ -215,6 +215,90 @@ def test_models_that_mix_samples_across_the_batch_axis_run_one_at_a_time(tmp_pat
     np.testing.assert_array_equal(r.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float))
 
 
+def test_batch_check_tolerates_one_code_rounding_flips_in_integer_taps():
+    """A batched kernel sums in another order: values on a rounding boundary land one code over
+    (2 % of a tensor here, 1e-2 relative L2), in integer taps and in DequantizeLinear outputs
+    (one quantization step). That is batching, not samples mixing; three codes, two steps, or a
+    float tensor moved beyond 1e-3 relative L2 still refuse it."""
+    differ = compare_module._runs_differ
+    rng = np.random.default_rng(6)
+    for dtype in (np.int8, np.uint8):
+        info = np.iinfo(dtype)
+        for lo, hi in ((info.min + 3, info.max - 3), (1, 4)):  # wide codes, and codes near zero (flips weigh more)
+            y = rng.integers(lo, hi, 4096, endpoint=True).astype(dtype)
+            x = y.copy()
+            flips = rng.choice(4096, 80, replace=False)
+            x[flips] = (x[flips].astype(np.int32) + rng.choice([-1, 1], 80)).astype(dtype)
+            assert differ(x, y) is None
+            x[flips] = (x[flips].astype(np.int32) + 2 * np.sign(x[flips].astype(np.int32) - y[flips])).astype(dtype)
+            assert differ(x, y) is not None  # three codes apart in 2 % of the values
+    f = rng.standard_normal(4096).astype(np.float32)
+    g = f.copy()
+    g[:400] += 0.2  # 10 % of the values moved: relative L2 ~0.06
+    assert differ(g, f) is not None and differ(f.copy(), f) is None
+    # a DequantizeLinear output (float values on a grid of `step`): one step is a rounding flip
+    step = np.float32(0.0228)
+    codes = rng.integers(-3, 4, 20)
+    y = ((codes - np.int8(0)).astype(np.float32) * step).astype(np.float32)
+    x = ((codes + np.where(np.arange(20) % 4 == 0, 1, 0)).astype(np.float32) * step).astype(np.float32)
+    assert differ(x, y) is not None  # 5 of 20 values one step over: 1e-1 relative without the step
+    assert differ(x, y, float(step)) is None
+    assert differ(x + step, y, float(step)) is not None  # two steps
+
+
+def test_batch_check_knows_the_step_of_dequantized_float_taps(monkeypatch):
+    """compare hands the check each float tap of the quantized model that a DequantizeLinear
+    computes, with that node's scale (here the final output, read as float)."""
+    seen = []
+    real = compare_module._batch_mismatch
+
+    def spy(batched, singles, runs, steps=None):
+        seen.append(steps)
+        return real(batched, singles, runs, steps)
+
+    monkeypatch.setattr(compare_module, "_batch_mismatch", spy)
+    qpath = SAMPLES / "digits_cnn.qdq_per_tensor.onnx"
+    r = qdiff.compare(SAMPLES / "digits_cnn.float.onnx", qpath, data=SAMPLES / "digits_test.npz", samples=64)
+    assert any("runs batched" in n for n in r.meta["notes"])
+    (steps,) = seen
+    qm_ = onnx.load(qpath)
+    inits = {t.name: numpy_helper.to_array(t) for t in qm_.graph.initializer}
+    out = qm_.graph.output[0].name
+    (dq,) = [n for n in qm_.graph.node if out in n.output]
+    assert dq.op_type == "DequantizeLinear" and steps[0] == {}
+    assert steps[1] == {out: pytest.approx(float(inits[dq.input[1]]))}
+
+
+def test_sessions_are_released_before_the_unbatched_ones_open(tmp_path):
+    """When the first group refuses batching, the batched sessions are gone before the new ones
+    are built (a 2 GB model's tapped sessions were held twice: 5.5 GB peak against 2.8 GB)."""
+    import threading
+    import weakref
+
+    import onnxruntime as ort
+
+    f, q, data = _mixing_model(tmp_path)
+    live: list[tuple[weakref.ref, bool]] = []
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def factory(model):
+        batched = any(d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim[:1])
+        with lock:
+            if not batched:  # a session of the original models: count the batched ones still alive
+                seen.append(sum(1 for ref, b in live if b and ref() is not None))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 1
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        with lock:
+            live.append((weakref.ref(sess), batched))
+        return sess
+
+    r = qdiff.compare(f, q, data={"x": data}, session_factory=factory)
+    assert any(n.startswith("runs not batched: ") for n in r.meta["notes"]), r.meta["notes"]
+    assert sum(b for _, b in live) == 2 and seen and max(seen) == 0, seen
+
+
 def test_a_fixed_batch_reshape_falls_back_to_single_runs(tmp_path):
     """Reshape to [1, -1] breaks batching: noticed on the first group, then runs go one at a time."""
     conv_net(tmp_path / "c.float.onnx")
