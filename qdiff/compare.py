@@ -507,7 +507,7 @@ def _measure(
     parallel = False
     if group:
         run_first(group)
-        n_workers = pipeline.workers(cpus)
+        n_workers = pipeline.workers(cpus, weight_bytes(f_loaded, q_loaded))
         parallel = isinstance(eng, _NumpyEngine) and n_workers > 1
         if parallel:
             folds += [_Folds(len(pairs), len(outputs), compiled, kernel_threads=1) for _ in range(n_workers - 1)]
@@ -643,7 +643,8 @@ def _shard_worker(payload: tuple) -> _Measured:
     q_loaded = load_model(q_model, role="quantized model")
     fg, qg = Graph(f_loaded.proto), Graph(q_loaded.proto)
     matching = match_models(fg, qg, tensor_map, weigh=no_weight_values)  # weight values: not needed here
-    factory = default_session_factory(SessionOptions(provider=provider, intra_op_threads=pipeline.session_threads(cpus)))
+    threads = pipeline.session_threads(cpus, weight_bytes(f_loaded, q_loaded))
+    factory = default_session_factory(SessionOptions(provider=provider, intra_op_threads=threads))
     source = make_source(data, input_specs(fg), shard=shard, **source_kwargs)
     return _measure(
         factory, f_loaded, q_loaded, fg, list(matching.pairs), list(matching.outputs), source, engine, None, max_memory,
@@ -1463,7 +1464,8 @@ def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, ses
     f_loaded = load_model(float_model, role="float model")
     q_loaded = load_model(quant_model, role="quantized model")
     if session_factory is None:
-        options = SessionOptions(provider=resolve_provider(provider), intra_op_threads=_inference_threads())
+        threads = pipeline.session_threads(weight_bytes=weight_bytes(f_loaded, q_loaded))
+        options = SessionOptions(provider=resolve_provider(provider), intra_op_threads=threads)
         session_factory = default_session_factory(options)
     else:
         options = SessionOptions(provider="custom session factory")
@@ -1473,10 +1475,10 @@ def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, ses
     return f_loaded, q_loaded, fg, qg, f_specs, session_factory, options
 
 
-def _inference_threads() -> int:
-    """onnxruntime threads per session: the cores shared among the pipeline's workers
-    (:func:`qdiff.pipeline.session_threads`)."""
-    return pipeline.session_threads()
+def weight_bytes(*models: LoadedModel) -> int:
+    """The models' initializer bytes together (on disk or not): decides the pipeline's workers
+    (:data:`qdiff.pipeline.ONE_WORKER_BYTES`)."""
+    return sum(initializer_bytes(m.proto) for m in models)
 
 
 def _finite_max_diff(a: np.ndarray, b: np.ndarray) -> float:

@@ -52,6 +52,7 @@ from qdiff.compare import (
     load_tensor_map,
     optimized_model,
     prefuse_pays,
+    weight_bytes,
 )
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike, layer_macs
@@ -371,7 +372,7 @@ def sensitivity(
     if first_group:
         measure(first_group, True, workers[0])
         report(len(first_group))
-        n_workers = pipeline.workers()
+        n_workers = pipeline.workers(weight_bytes=weight_bytes(f_loaded, q_loaded))
         if n_workers > 1:
             workers[0].folder.threads = 1
             workers += [Folds(kernel_threads=1) for _ in range(n_workers - 1)]

@@ -86,7 +86,7 @@ def test_compare_is_the_same_with_any_number_of_workers(monkeypatch, quant):
     args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / quant)
     results = []
     for n in (1, 2, 3):
-        monkeypatch.setattr(pipeline, "workers", lambda cpus=None, n=n: n)
+        monkeypatch.setattr(pipeline, "workers", lambda cpus=None, weight_bytes=0, n=n: n)
         results.append(qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=200))
     one = results[0]
     assert one.meta["samples"] == 200
@@ -94,3 +94,26 @@ def test_compare_is_the_same_with_any_number_of_workers(monkeypatch, quant):
     for other in results[1:]:
         assert one.layers.equals(other.layers) and one.outputs.equals(other.outputs)
     assert np.isfinite(one.layers["cosine"]).all() and len(one.layers) >= 7
+
+
+def test_big_models_run_on_one_worker_with_every_core(monkeypatch):
+    """Weights of ONE_WORKER_BYTES or more: one worker whose sessions take every core (each worker
+    holds its own transient tensors, and big operators use onnxruntime's threads well); the same
+    table as the worker pipeline's."""
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_channel.onnx")
+    kw = dict(data=SAMPLES / "digits_test.npz", samples=100)
+    cores = pipeline.available_cpus()
+    assert pipeline.workers(cores, pipeline.ONE_WORKER_BYTES) == 1
+    assert pipeline.session_threads(cores, pipeline.ONE_WORKER_BYTES) == cores
+    assert pipeline.workers(cores, pipeline.ONE_WORKER_BYTES - 1) == min(cores, pipeline.MAX_WORKERS)
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)
+    small = qdiff.compare(*args, **kw)
+    weights = sum(p.stat().st_size for p in args)  # more than the initializers: the files
+    monkeypatch.setattr(pipeline, "ONE_WORKER_BYTES", weights // 2)
+    big = qdiff.compare(*args, **kw)
+    assert (small.meta["pipeline_workers"], small.meta["session"]["intra_op_threads"]) == (2, 1)
+    assert (big.meta["pipeline_workers"], big.meta["session"]["intra_op_threads"]) == (1, 2)
+    assert small.layers.equals(big.layers) and small.outputs.equals(big.outputs)
+    one = qdiff.sensitivity(*args, gain=False, **kw)
+    monkeypatch.setattr(pipeline, "ONE_WORKER_BYTES", 1 << 40)
+    assert one.layers.equals(qdiff.sensitivity(*args, gain=False, **kw).layers)
