@@ -339,7 +339,7 @@ def test_shards_run_on_a_dask_cluster(tmp_path, capsys):
     data = SAMPLES / "digits_test.npz"
     a = qdiff.compare(*args, data=data, samples=150)
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, distributed.Client(cluster) as client:
         b = qdiff.compare(*args, data=data, samples=150, workers=3, executor=client.get_executor())
         assert a.layers.equals(b.layers) and a.outputs.equals(b.outputs)
