@@ -783,7 +783,12 @@ class Batcher:
         self.runs_per_group = runs if self.batched else 1
         self._open()
 
+    def close(self) -> None:
+        """Drop the sessions (before others are opened: a 2 GB model's were held twice)."""
+        self.sessions = []
+
     def _open(self) -> None:
+        self.close()  # the old sessions go before the new ones open
         items = [
             (tap_model(_with_batch_axis(proto) if self.batched else proto, taps), label) for proto, taps, label in self.models
         ]
@@ -822,7 +827,6 @@ class Batcher:
         self.notes.append(f"runs not batched: {why}")
         log.info("qdiff: %s", self.notes[-1])
         self.batched, self.runs_per_group = False, 1
-        self.sessions = []  # the batched sessions go before the new ones open (a 2 GB model's were held twice)
         self._open()
         return [(self.fetch(b, names), 1, b) for b in group]
 
@@ -916,7 +920,7 @@ class _NumpyEngine(_Engine):
             why = self._check_prefused(group[0])
             if why is not None:  # tap the model as given instead
                 factory, f_loaded, q_loaded, max_memory, fg, qg, total = self._args
-                self.batcher.sessions = []  # closed before the new ones open
+                self.batcher.close()
                 self.__init__(
                     factory, f_loaded, q_loaded, self.pairs, self.outputs, max_memory, fg, self.compiled, qg,
                     prefuse=False, total=total,

@@ -367,7 +367,7 @@ def sensitivity(
                 fused_notes.append(f"{what}: onnxruntime's fused graph not tapped: {why}")
                 fused[m], refused = None, True
         if refused:
-            batcher.sessions = []  # closed before the new ones open
+            batcher.close()
             batcher = open_batcher()
     if first_group:
         measure(first_group, True, workers[0])
