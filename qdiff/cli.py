@@ -239,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(args)
     except QdiffError as exc:
         print(f"qdiff: error: {exc}", file=sys.stderr)
+        detail = getattr(exc, "detail", "")
+        if detail:
+            print(detail.rstrip("\n"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qdiff: interrupted", file=sys.stderr)

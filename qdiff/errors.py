@@ -7,7 +7,8 @@ Hierarchy::
     ├── ModelMismatchError          the two models cannot be compared (inputs differ, ...)
     ├── DataError                   input data does not fit the model (names, dtypes, shapes, NaN)
     ├── ProviderError               an execution provider that onnxruntime does not offer here
-    └── UsageError                  an option value that makes no sense (bad --input-shape, ...)
+    ├── UsageError                  an option value that makes no sense (bad --input-shape, ...)
+    └── EvalError                   the user's --eval function failed, or returned no number
 
 Anything else that escapes qdiff is a bug and keeps its traceback.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "DataError",
     "ProviderError",
     "UsageError",
+    "EvalError",
 ]
 
 
@@ -46,3 +48,16 @@ class ProviderError(QdiffError):
 
 class UsageError(QdiffError):
     """An option value is malformed or contradicts another."""
+
+
+class EvalError(QdiffError):
+    """The user's ``--eval`` function raised, exited, or returned something that is not a finite number.
+
+    Attributes:
+        detail: the traceback frames of the user's own code (qdiff's frames left out), printed by the
+            CLI after the one-line message; empty when there is nothing of theirs to show.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail

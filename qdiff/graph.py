@@ -199,6 +199,31 @@ def load_model(model: ModelLike, *, role: str = "model") -> LoadedModel:
     return LoadedModel(proto, path.name, path, digest.hexdigest())
 
 
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's default-domain (``ai.onnx``) opset version, None if it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto | None:
+    """``model`` raised to default-domain opset ``version`` by onnx's version converter (a new
+    model; node and tensor names kept), the model itself if it is already there, None if the
+    converter fails or the model keeps weights on disk."""
+    have = default_opset(model)
+    if have is None or have >= version:
+        return model
+    if external_dir(model) is not None:
+        return None
+    from onnx import version_converter
+
+    try:
+        out = version_converter.convert_version(model, version)
+    except Exception as exc:  # noqa: BLE001 - the converter's own limits (unsupported ops)
+        log.debug("opset conversion %s -> %s failed: %s", have, version, exc)
+        return None
+    out.ir_version = max(model.ir_version, 7)
+    return out
+
+
 def with_ir_version(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
     """Return a copy of ``model`` whose IR version is lowered to ``ir_version`` (a pass: input untouched)."""
     out = onnx.ModelProto()

@@ -44,7 +44,7 @@ import onnx
 
 from qdiff.config import QuantConfig, LayerConfig
 from qdiff.errors import QdiffError, UsageError
-from qdiff.graph import Graph, ModelLike, initializer_bytes, load_model, save_with_data
+from qdiff.graph import Graph, ModelLike, default_opset, initializer_bytes, load_model, save_with_data, with_opset
 from qdiff.inputs import DataLike, input_specs, make_source
 from qdiff.passes import PassResult
 
@@ -79,9 +79,17 @@ class QuantizeReport:
     prepared: list[str] = field(default_factory=list)
 
 
+#: the opset the prepared model is brought to: per-channel DequantizeLinear (``axis``) needs 13
+MIN_QUANT_OPSET = 13
+
+
 def prepare_model(model: onnx.ModelProto) -> PassResult:
     """Make a float model safe for onnxruntime's quantizer (a pass; the input is not modified).
 
+    A default-domain opset below :data:`MIN_QUANT_OPSET` is raised to it by onnx's version
+    converter (per-channel DequantizeLinear needs opset 13; the quantizer would otherwise write an
+    ``axis`` attribute the model's opset does not have, and the model would not load); where the
+    converter fails the opset is kept and :func:`quantize` falls back to per-tensor weights.
     Constant nodes feeding weights become initializers, unnamed nodes are named
     ``<op_type>_<index>``, the IR version is capped to one the quantizer handles, shapes are
     inferred. ``modified`` counts the edits.
@@ -89,6 +97,10 @@ def prepare_model(model: onnx.ModelProto) -> PassResult:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     modified = 0
+    converted = with_opset(out, MIN_QUANT_OPSET)
+    if converted is not None and converted is not out:
+        out = converted  # else: kept, and quantize() falls back to per-tensor weights
+        modified += 1
     g = out.graph
     kept = []
     for node in g.node:
@@ -187,6 +199,7 @@ def quantize(
     *,
     seed: int = 0,
     feeds: list[dict[str, np.ndarray]] | None = None,
+    calibration_cache: str | os.PathLike[str] | None = None,
 ) -> QuantizeReport:
     """Quantize ``float_model`` as ``config`` says, with onnxruntime's ``quantize_static``.
 
@@ -198,6 +211,11 @@ def quantize(
         output: where the quantized model is written (atomically).
         seed: seed for random calibration data (when ``calib`` is None).
         feeds: already prepared calibration feeds (skips reading ``calib``).
+        calibration_cache: a file where onnxruntime keeps the activation ranges it calibrated
+            (``quantize_static(calibration_cache_path=...)``, onnxruntime >= 1.32; ignored by older
+            versions). The ranges depend only on the float model, the data and the calibration
+            method, not on which layers are excluded, so the fallback loop calibrates once. The
+            caller owns the file: a cache from other data or another model gives wrong ranges.
 
     Raises:
         UsageError: the config names layers the model does not have.
@@ -220,6 +238,15 @@ def quantize(
         feeds = calibration_feeds(model, calib, config.batch_num, seed)
     feeds = feeds[: config.batch_num]
     act, wgt = config.activation_quant_params, config.weight_quant_params
+    opset_notes = []
+    per_channel = bool(wgt["per_channel"])
+    opset = default_opset(model)
+    if per_channel and opset is not None and opset < MIN_QUANT_OPSET:
+        per_channel = False
+        opset_notes.append(
+            f"per_channel needs opset >= {MIN_QUANT_OPSET} but {loaded.label} is opset {opset} and onnx's version "
+            "converter could not raise it: weights quantized per-tensor"
+        )
     extra: dict[str, Any] = {
         "ActivationSymmetric": bool(act["symmetric"]),
         "WeightSymmetric": bool(wgt["symmetric"]),
@@ -245,12 +272,13 @@ def quantize(
                     dst,
                     _Reader(feeds),
                     quant_format=QuantFormat.QDQ if config.quant_format == "QDQ" else QuantFormat.QOperator,
-                    per_channel=bool(wgt["per_channel"]),
+                    per_channel=per_channel,
                     activation_type=_qtype(act["type"]),
                     weight_type=_qtype(wgt["type"]),
                     nodes_to_exclude=config.disabled,
                     calibrate_method=_method(act["calibration_method"]),
                     extra_options=extra,
+                    **_cache_kwargs(calibration_cache, act),
                 )
         except QdiffError:
             raise
@@ -264,6 +292,7 @@ def quantize(
         from qdiff._io import write_bytes_atomic
 
         data = qm.SerializeToString()
+        _check_loads(data, loaded.label)
         write_bytes_atomic(out_path, data)
     report = QuantizeReport(
         path=out_path,
@@ -274,8 +303,39 @@ def quantize(
         quantized_nodes=sum(1 for n in qm.graph.node if n.op_type in ("QuantizeLinear", "QLinearConv", "QGemm", "QLinearMatMul")),
         prepared=prepared,
     )
-    report.warnings = _check(model, qm, config)
+    report.warnings = opset_notes + _check(model, qm, config)
     return report
+
+
+def _cache_kwargs(path: str | os.PathLike[str] | None, act: dict[str, Any]) -> dict[str, Any]:
+    """``calibration_cache_path`` where onnxruntime takes it, one file per calibration setting."""
+    if path is None:
+        return {}
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        return {}
+    key = "_".join(str(act.get(k)) for k in ("calibration_method", "moving_average", "averaging_constant", "percentile"))
+    p = Path(path)
+    return {"calibration_cache_path": p.with_name(f"{p.stem}.{key}{p.suffix}")}
+
+
+def _check_loads(data: bytes, label: str) -> None:
+    """onnxruntime must load what the quantizer wrote before anyone is handed it."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - whatever onnxruntime says is the reason
+        raise QdiffError(
+            f"onnxruntime's quantizer wrote a model of {label} that onnxruntime cannot load: "
+            f"{str(exc).strip().splitlines()[0][:300]}; try --per-tensor or another quant_format"
+        ) from None
 
 
 @contextlib.contextmanager

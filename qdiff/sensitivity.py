@@ -54,7 +54,7 @@ from qdiff.compare import (
     prefuse_pays,
     weight_bytes,
 )
-from qdiff.errors import UsageError
+from qdiff.errors import EvalError, UsageError
 from qdiff.graph import Graph, ModelLike, layer_macs
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models, no_weight_values
@@ -68,7 +68,7 @@ from qdiff.runner import (
 from qdiff.shadow import build_shadow, keep_float, prune_unread, quantize_only
 from qdiff.structs import DequantParams, Region, TensorPair
 
-__all__ = ["sensitivity", "SensitivityResult", "load_eval", "SENSITIVITY_COLUMNS", "RANK_BY"]
+__all__ = ["sensitivity", "SensitivityResult", "load_eval", "call_eval", "SENSITIVITY_COLUMNS", "RANK_BY"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ def load_eval(spec: str | EvalFn | None) -> EvalFn | None:
 
     Raises:
         UsageError: the module, file or function cannot be found.
+        EvalError: importing the user's module raised (its frames are in ``detail``).
     """
     if spec is None or callable(spec):
         return spec
@@ -147,7 +148,8 @@ def load_eval(spec: str | EvalFn | None) -> EvalFn | None:
                 raise UsageError(f"--eval file '{target}' does not exist")
             module_name = f"qdiff_eval_{abs(hash(str(path.resolve())))}"
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
-            assert loader_spec is not None and loader_spec.loader is not None
+            if loader_spec is None or loader_spec.loader is None:
+                raise UsageError(f"--eval file '{target}' cannot be imported as Python")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module
             loader_spec.loader.exec_module(module)
@@ -155,12 +157,59 @@ def load_eval(spec: str | EvalFn | None) -> EvalFn | None:
             module = importlib.import_module(target)
     except UsageError:
         raise
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         raise UsageError(f"--eval cannot import '{target}': {exc}") from None
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's module failed at import
+        raise EvalError(
+            f"--eval '{spec}': importing '{target}' raised {_exc_text(exc)}; fix the module", _user_frames(exc)
+        ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UsageError(f"--eval: '{target}' has no function '{name}'")
     return fn
+
+
+def call_eval(fn: EvalFn, path: str, what: str) -> float:
+    """``fn(path)`` as a finite float; anything else is an :class:`EvalError` naming ``fn`` and ``what``."""
+    label = getattr(fn, "__name__", repr(fn))
+    try:
+        value = fn(path)
+    except KeyboardInterrupt:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - the user's function failed
+        raise EvalError(f"--eval function '{label}' raised {_exc_text(exc)} on {what}", _user_frames(exc)) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) and not (
+        isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iuf"
+    ):
+        raise EvalError(
+            f"--eval function '{label}' returned {type(value).__name__} {str(value)[:40]!r} on {what}; "
+            "it must return a number, higher is better"
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise EvalError(f"--eval function '{label}' returned {value} on {what}; it must return a finite number")
+    return value
+
+
+def _exc_text(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}) (sys.exit)"
+    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _user_frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` without qdiff's and importlib's frames: what the user wrote."""
+    import traceback
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__)
+        if not os.path.abspath(f.filename).startswith(here) and "importlib" not in f.filename
+    ]  # fmt: skip
+    if not frames:
+        return ""
+    return "".join(traceback.format_list(frames))
 
 
 def sensitivity(
@@ -208,6 +257,7 @@ def sensitivity(
         float_model, quant_model, provider, session_factory
     )
     shapes = parse_input_shapes(input_shapes)
+    f_loaded, fg = _same_opset(f_loaded, fg, q_loaded)
 
     def source():
         return make_source(data, f_specs, samples=samples, batch_size=batch_size, seed=seed, input_shapes=shapes)
@@ -414,6 +464,28 @@ def sensitivity(
     return SensitivityResult(layers, meta)
 
 
+def _same_opset(f_loaded, fg: Graph, q_loaded):
+    """The float model at the quantized model's opset where that is higher.
+
+    The shadow and the edited models mix float and quantized nodes in one graph, which then has
+    one opset: qdiff's quantizer raises opset 11/12 models to 13 (per-channel DequantizeLinear
+    needs it), and an opset-12 node (Squeeze with an ``axes`` attribute) is invalid at 13.
+    """
+    from dataclasses import replace
+
+    from qdiff.graph import default_opset, with_opset
+
+    want = default_opset(q_loaded.proto)
+    have = default_opset(f_loaded.proto)
+    if want is None or have is None or have >= want:
+        return f_loaded, fg
+    converted = with_opset(f_loaded.proto, want)
+    if converted is None:
+        log.info("float model kept at opset %s (conversion to %s failed)", have, want)
+        return f_loaded, fg
+    return replace(f_loaded, proto=converted), Graph(converted)
+
+
 class _Edited:
     """An edited model run as the part downstream of the edit, fed the base model's activations.
 
@@ -589,10 +661,7 @@ def _gains_eval(
         def score(model: onnx.ModelProto, name: str) -> float:
             path = os.path.join(tmp, f"{name}.onnx")
             onnx.save(model, path)
-            value = float(eval_fn(path))
-            if not math.isfinite(value):
-                raise UsageError(f"--eval returned {value} for {name}; it must return a finite number")
-            return value
+            return call_eval(eval_fn, path, f"the {name.replace('_', ' ')} model")
 
         float_metric = score(fp, "float")
         base_metric = score(qp, "quantized")

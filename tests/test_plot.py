@@ -56,10 +56,10 @@ def _grid(ax) -> LineCollection:
 
 def _fallback_history() -> pd.DataFrame:
     rows = [
-        (0, "start", "", 0, 0, "", 0.9990, False, 9000, 0.1, ""),
-        (0, "baseline", "conv1 fc2", 2, 410, "first+last", 0.9993, False, 9500, 0.1, ""),
-        (1, "bisect k=1", "fc1", 1, 2000, "+fc1", 0.9996, True, 15000, 0.1, ""),
-        (2, "prune", "", 0, 0, "-fc1", 0.9990, False, 9000, 0.1, ""),
+        (0, "start", "", 0, 0, "", 0.9990, False, 9000, 0.1, "", ""),
+        (0, "baseline", "conv1 fc2", 2, 410, "first+last", 0.9993, False, 9500, 0.1, "", ""),
+        (1, "bisect k=1", "fc1", 1, 2000, "+fc1", 0.9996, True, 15000, 0.1, "", ""),
+        (2, "prune", "", 0, 0, "-fc1", 0.9990, False, 9000, 0.1, "", ""),
     ]
     return pd.DataFrame(rows, columns=HISTORY_COLUMNS)
 

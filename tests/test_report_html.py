@@ -77,9 +77,9 @@ def sens_result(samples_dir):
 @pytest.fixture(scope="module")
 def fallback_result():
     rows = [
-        (0, "start", "", 0, 0, "", 0.9990, False, 9000, 0.1, ""),
-        (0, "baseline", "conv1 fc2", 2, 410, "first+last in float: conv1 fc2", 0.9993, False, 9500, 0.1, ""),
-        (1, "bisect k=1", "fc1", 1, 2000, "+fc1", 0.9996, True, 15000, 0.1, ""),
+        (0, "start", "", 0, 0, "", 0.9990, False, 9000, 0.1, "", ""),
+        (0, "baseline", "conv1 fc2", 2, 410, "first+last in float: conv1 fc2", 0.9993, False, 9500, 0.1, "", ""),
+        (1, "bisect k=1", "fc1", 1, 2000, "+fc1", 0.9996, True, 15000, 0.1, "", ""),
     ]
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
     return FallbackResult(True, 0.9996, ["fc1"], 2000, None, None, history, {"target": "cosine>=0.9995", "float_metric": 1.0})
