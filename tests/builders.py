@@ -240,3 +240,34 @@ def lstm_net(path: Path, seed: int = 0, seq: int = 6, batch: int = 2, feat: int 
         inits,
     )
     return finish(graph, path)
+
+
+def conv_act_conv(path: Path, activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(conv1) -> c1 -> Relu(act) or Clip(act, 0, 6) -> a1 -> Conv(conv2) -> y[1,4,8,8].
+
+    The first Conv's bias is negative enough that the activation clamps about half of its output.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1.0, (8, 3, 3, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(-0.5, 0.5, 8).astype(np.float32), "B1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "B2"),
+    ]
+    act = [helper.make_node("Relu", ["c1"], ["a1"], name="act")]
+    if activation == "Clip":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        act = [helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="act")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        *act,
+        helper.make_node("Conv", ["a1", "W2", "B2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_act_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    return finish(graph, path)

@@ -112,3 +112,59 @@ def test_dynamic_quantize_lstm_matches_the_float_lstm(tmp_path):
     lstm = result.layers[result.layers["layer"].str.startswith("lstm")]
     assert len(lstm) == 3 and (lstm["cosine"] > 0.99).all()
     assert (result.weights[result.weights["layer"] == "lstm"]["cosine"] > 0.99).all()
+
+
+@pytest.mark.parametrize("activation, scale, put_back", [("Relu", 1.0, "Relu"), ("Clip", 3.0, "Clip")])
+def test_quant_only_puts_back_the_activation_the_quantizer_folded(tmp_path, activation, scale, put_back):
+    """onnxruntime removes the Relu (or ReLU6 Clip) after conv1 and lets the quantization clamp
+    (zero point at the start of the range). Stripping the Q/DQ for --quant-only used to strip
+    that clamp too: conv1's reference kept its negatives (cosine ~0.6, no warning). The reference
+    gets the activation back, and --quant-only then agrees with the float-vs-int8 comparison."""
+    from qdiff.passes import strip_activation_qdq
+
+    from builders import conv_act_conv
+
+    f = tmp_path / "f.onnx"
+    conv_act_conv(f, activation)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": (scale * rng.normal(0, 1, (1, 3, 8, 8))).astype(np.float32)} for _ in range(16)]
+    q = quantize(f, tmp_path / "q.onnx", feeds, quant_format=QuantFormat.QDQ)
+    assert activation not in {n.op_type for n in onnx.load(str(q)).graph.node}  # folded by the quantizer
+    stripped = strip_activation_qdq(onnx.load(str(q)))
+    assert [n.op_type for n in stripped.model.graph.node].count(put_back) == 1
+    assert stripped.notes and not stripped.warnings
+    data = {"x": np.concatenate([d["x"] for d in feeds[:8]])}
+    quant_only = qdiff.compare_quant_only(q, data=data)
+    real = qdiff.compare(f, q, data=data)
+    assert "put back" in quant_only.meta["reference"]
+    conv1 = quant_only.layers[quant_only.layers["layer"].str.startswith("conv1")]
+    assert len(conv1) == 1 and conv1["layer"].iloc[0].startswith("conv1+") and conv1["cosine"].iloc[0] > 0.99
+    real_conv1 = real.layers[real.layers["layer"] == "conv1+act"]["cosine"].iloc[0]
+    assert abs(conv1["cosine"].iloc[0] - real_conv1) < 0.01
+    out_qo, out_real = quant_only.outputs["cosine"].iloc[0], real.outputs["cosine"].iloc[0]
+    assert out_qo > 0.99 and abs(out_qo - out_real) < 0.01
+
+
+def test_quant_only_warns_where_a_folded_relu_cannot_be_put_back(tmp_path):
+    """A per-channel activation quantization that clamps at 0 on some channels only: no Relu can
+    stand for it, and the pass says so (compare_quant_only adds it to meta warnings, which the
+    summary prints). onnxruntime cannot run such a model (QLinearConv needs a scalar zero point),
+    so the pass is checked on its own."""
+    from qdiff.passes import strip_activation_qdq
+
+    from builders import conv_act_conv
+
+    f = tmp_path / "f.onnx"
+    conv_act_conv(f)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    model = onnx.load(str(quantize(f, tmp_path / "q.onnx", feeds, quant_format=QuantFormat.QDQ)))
+    inits = {t.name: t for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "a1")
+    scale = numpy_helper.to_array(inits[q.input[1]])
+    inits[q.input[1]].CopyFrom(numpy_helper.from_array(np.full(8, scale, np.float32), q.input[1]))
+    inits[q.input[2]].CopyFrom(numpy_helper.from_array(np.array([0, 128] * 4, np.uint8), q.input[2]))
+    q.attribute.append(helper.make_attribute("axis", 1))
+    stripped = strip_activation_qdq(model)
+    assert "Relu" not in {n.op_type for n in stripped.model.graph.node}
+    assert len(stripped.warnings) == 1 and "4 of 8 channels" in stripped.warnings[0]
