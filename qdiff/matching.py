@@ -20,8 +20,11 @@ float operator they implement, and the Cast/Mul/Add rescale chain after an integ
 into that op. Then, walking the quantized skeleton in topological order from the graph inputs
 (paired by name), a quantized node is paired with the float node that has a compatible operator
 type and reads the float counterparts of its inputs. Several candidates (say the Q, K and V
-projections reading one LayerNorm output) are told apart by node name, then by weight values;
-if still tied the layer is reported as ambiguous, never guessed.
+projections reading one LayerNorm output) are told apart by attributes and small integer
+constants, node name, then weight values; if still tied the layer is reported as ambiguous,
+never guessed. Nodes that compute the same values (two Shape nodes of one tensor) are
+interchangeable, not ambiguous. Integer (shape) inputs never gate a float node: one whose shape
+subgraph found no twin is matched by its float inputs; integer nodes are skipped, not compared.
 
 A quantized node's output may stand for the end of a chain of float nodes it fused (Conv ->
 BatchNormalization -> Relu). The end is the chain member whose float consumers have the same
