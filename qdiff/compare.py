@@ -241,7 +241,10 @@ def compare_quant_only(quant_model: ModelLike, data: DataLike = None, **kwargs: 
     """Compare a QDQ model with itself minus its activation Q/DQ pairs (no float model needed).
 
     The reference keeps the quantized weights, so this shows where *activation* quantization
-    hurts; weight rounding is in both models and does not show. Takes :func:`compare`'s keywords.
+    hurts; weight rounding is in both models and does not show. A Relu (or ReLU6) the quantizer
+    folded into a quantization is put back in the reference (see
+    :func:`qdiff.passes.strip_activation_qdq`; ``meta["reference"]`` says how many, and
+    ``meta["warnings"]`` where that could not be done). Takes :func:`compare`'s keywords.
 
     Raises:
         ModelError: the model has no activation QuantizeLinear/DequantizeLinear pairs.
@@ -256,7 +259,10 @@ def compare_quant_only(quant_model: ModelLike, data: DataLike = None, **kwargs: 
             f"{loaded.label} has no QuantizeLinear/DequantizeLinear pairs on activations; --quant-only needs a QDQ model"
         )
     result = compare(stripped.model, loaded.proto, data, **kwargs)
-    result.meta["reference"] = f"{loaded.label} with {stripped.modified} activation Q/DQ pairs removed (--quant-only)"
+    result.meta["reference"] = "; ".join(
+        [f"{loaded.label} with {stripped.modified} activation Q/DQ pairs removed (--quant-only)", *stripped.notes]
+    )
+    result.meta["warnings"] = [*result.meta.get("warnings", []), *stripped.warnings]
     result.meta["float_model"] = {"name": f"{loaded.label} without activation Q/DQ", "path": None, "sha256": None}
     result.meta["quant_model"] = {"name": loaded.label, "path": str(loaded.path) if loaded.path else None, "sha256": loaded.sha256}
     return result

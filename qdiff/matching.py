@@ -20,8 +20,11 @@ float operator they implement, and the Cast/Mul/Add rescale chain after an integ
 into that op. Then, walking the quantized skeleton in topological order from the graph inputs
 (paired by name), a quantized node is paired with the float node that has a compatible operator
 type and reads the float counterparts of its inputs. Several candidates (say the Q, K and V
-projections reading one LayerNorm output) are told apart by node name, then by weight values;
-if still tied the layer is reported as ambiguous, never guessed.
+projections reading one LayerNorm output) are told apart by attributes and small integer
+constants, node name, then weight values; if still tied the layer is reported as ambiguous,
+never guessed. Nodes that compute the same values (two Shape nodes of one tensor) are
+interchangeable, not ambiguous. Integer (shape) inputs never gate a float node: one whose shape
+subgraph found no twin is matched by its float inputs; integer nodes are skipped, not compared.
 
 A quantized node's output may stand for the end of a chain of float nodes it fused (Conv ->
 BatchNormalization -> Relu). The end is the chain member whose float consumers have the same
@@ -118,6 +121,8 @@ QOP_SPECS: dict[str, QOpSpec] = {
     "MatMulInteger": QOpSpec("MatMul", {0: 0, 1: 1}, output="accum"),
     "DynamicQuantizeMatMul": QOpSpec("MatMul", {0: 0, 1: 1}, {1: (2, 3)}, output="float"),
     "MatMulIntegerToFloat": QOpSpec("MatMul", {0: 0, 1: 1}, {1: (3, 5)}, output="float"),
+    # quantize_dynamic's LSTM: int8 W and R stored transposed ([dirs, in, 4*hidden]), float Y, Y_h, Y_c
+    "DynamicQuantizeLSTM": QOpSpec("LSTM", {k: k for k in range(8)}, {1: (8, 9), 2: (10, 11)}, output="float"),
 }
 # QLinearConcat: Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input; built per node.
 
@@ -187,6 +192,11 @@ class _SNode:
     consts: dict[int, str]  # float input position -> tensor name (constants)
     outputs: list[str]  # roots written by this node
     spec: QOpSpec | None = None
+    same_as: int | None = None  # idx of an earlier node computing exactly the same values
+
+
+#: constants up to this many elements are compared by value (shape indices, axes, Reshape targets)
+_SMALL_CONST = 64
 
 
 class _Skeleton:
@@ -200,6 +210,7 @@ class _Skeleton:
         self.params: dict[str, DequantParams] = {}
         self.domain: dict[str, str] = {}  # float | quant | accum | dynq | aux | other
         self.nodes: list[_SNode] = []
+        self.nodes_by_idx: dict[int, _SNode] = {}
         self.by_root: dict[str, _SNode] = {}
         self.consumers: dict[str, list[_SNode]] = defaultdict(list)
         self.absorbed: set[int] = set()
@@ -212,6 +223,8 @@ class _Skeleton:
             for _, r in sn.act:
                 self.consumers[r].append(sn)
         self._declare_consumer_params()
+        self.canon: dict[str, str] = {}  # root -> root of the earliest node computing the same values
+        self._find_duplicates()
 
     # -- groups -----------------------------------------------------------------------------
     def _new_root(self, name: str, grade: int, domain: str) -> None:
@@ -330,11 +343,13 @@ class _Skeleton:
                 else:
                     act.append((fpos, name))
             float_out = spec.output == "float" or (op == "QGemm" and (len(ins) <= 7 or not ins[7]))
-            sn = _SNode(idx, node.name or f"{op}({outs[0]})", spec.float_op, act, consts, [outs[0]], spec)
+            written = [o for o in outs if o] if spec.output == "float" else [outs[0]]
+            sn = _SNode(idx, node.name or f"{op}({outs[0]})", spec.float_op, act, consts, written, spec)
             if spec.output == "accum":
                 self._new_root(outs[0], _G_NONE, "accum")
             elif float_out:
-                self._new_root(outs[0], _G_FLOAT, "float")
+                for o in written:
+                    self._new_root(o, _G_FLOAT, "float")
             else:
                 self._new_root(outs[0], _G_QUANT, "quant")
                 if spec.out_params is not None:
@@ -379,6 +394,7 @@ class _Skeleton:
 
     def _add(self, sn: _SNode) -> None:
         self.nodes.append(sn)
+        self.nodes_by_idx[sn.idx] = sn
         for r in sn.outputs:
             self.by_root[r] = sn
 
@@ -408,6 +424,81 @@ class _Skeleton:
                         self.params[ins[qpos]] = p
                         if self.domain.get(ins[qpos]) == "quant":
                             self.grade[ins[qpos]] = _G_QUANT
+
+    # -- identical nodes ---------------------------------------------------------------------------
+    def _find_duplicates(self) -> None:
+        """Common subexpressions: a node with the same operator, attributes, constants and inputs
+        (inputs compared through their own canonical roots) as an earlier one computes the same
+        values (two Shape nodes of one tensor, two identical Cast/Unsqueeze chains). Its outputs'
+        canonical root is the earlier node's; the matcher treats such nodes as interchangeable."""
+        seen: dict[tuple, list[_SNode]] = defaultdict(list)
+        for sn in self.nodes:
+            node = self.g.nodes[sn.idx]
+            if not sn.act:
+                continue
+            act = [(pos, self.canon.get(r, r)) for pos, r in sn.act]
+            act_key = tuple(sorted(r for _, r in act)) if sn.op in COMMUTATIVE else tuple(sorted(act))
+            key = (node.op_type, node.domain, self.attributes(sn), act_key, self.const_signature(sn), len(sn.outputs))
+            group = seen[key]
+            # larger constants (weights) are only keyed by type and shape: read them on a collision
+            first = next((other for other in group if self._same_large_consts(sn, other)), None)
+            if first is None:
+                group.append(sn)
+                continue
+            sn.same_as = first.idx
+            for mine, theirs in zip(sn.outputs, first.outputs):
+                self.canon[mine] = self.canon.get(theirs, theirs)
+
+    def _same_large_consts(self, a: _SNode, b: _SNode) -> bool:
+        for pos, name in a.consts.items():
+            other = b.consts.get(pos)
+            if other == name or self.small_const(name) is not None:
+                continue  # same tensor, or already compared by value in the key
+            va, vb = self.g.const_value(name), self.g.const_value(other) if other else None
+            if va is None or vb is None or va.dtype != vb.dtype or va.shape != vb.shape or not np.array_equal(va, vb):
+                return False
+        return True
+
+    def attributes(self, sn: _SNode) -> tuple:
+        return tuple(sorted((a.name, a.SerializeToString()) for a in self.g.nodes[sn.idx].attribute))
+
+    def const_signature(self, sn: _SNode) -> tuple:
+        out = []
+        for pos, name in sorted(sn.consts.items()):
+            v = self.small_const(name)
+            if v is not None:
+                out.append((pos, ("value", v.dtype.str, v.shape, v.tobytes())))
+            elif self.g.is_constant(name):
+                out.append((pos, ("tensor", self.g.elem_type(name), tuple(self.g.shape(name) or ()))))
+            else:
+                out.append((pos, ("name", name)))  # a run-time scale or zero point
+        return tuple(out)
+
+    def small_const(self, name: str) -> np.ndarray | None:
+        """The value of a constant of at most _SMALL_CONST elements (never reads a big weight)."""
+        g = self.g
+        if not name or not g.is_constant(name):
+            return None
+        n = g.elements(name)
+        if n is None:
+            idx = g.producer.get(name)
+            node = g.nodes[idx] if idx is not None else None
+            if node is None or node.op_type != "Constant":
+                return None
+            value_attr = next((a for a in node.attribute if a.name == "value"), None)
+            if value_attr is not None and int(np.prod(value_attr.t.dims)) > _SMALL_CONST:
+                return None
+        elif n > _SMALL_CONST:
+            return None
+        v = g.const_value(name)
+        return v if v is not None and v.size <= _SMALL_CONST else None
+
+    def is_integer(self, root: str) -> bool:
+        """An integer/bool tensor that is not a quantized activation (shapes, indices, masks)."""
+        return self.domain.get(root) == "other"
+
+    def computes_integers(self, sn: _SNode) -> bool:
+        return bool(sn.outputs) and all(self.is_integer(r) for r in sn.outputs)
 
     # -- consumers ------------------------------------------------------------------------------
     def consumer_signature(self, root: str) -> tuple[tuple[str, ...], bool]:
@@ -469,9 +560,18 @@ class _Matcher:
         self.fused: dict[int, int] = {}  # float idx of a fused-away node -> idx of the chain head
         self.unmatched: list[Unmatched] = []
         self.f_index: dict[tuple, list[_SNode]] = defaultdict(list)
+        self.f_index_float: dict[tuple, list[_SNode]] = defaultdict(list)  # keyed by float inputs only
         self.f_order = {sn.idx: k for k, sn in enumerate(fs.nodes)}
         for sn in fs.nodes:
-            self.f_index[self._key(sn.op, sn.act)].append(sn)
+            act = [(pos, self._fcanon(r)) for pos, r in sn.act]
+            self.f_index[self._key(sn.op, act)].append(sn)
+            self.f_index_float[self._key(sn.op, [(p, r) for p, r in act if not fs.is_integer(r)])].append(sn)
+
+    def _fcanon(self, root: str) -> str:
+        return self.fs.canon.get(root, root)
+
+    def _unpaired(self, key: tuple, index: dict[tuple, list[_SNode]] | None = None) -> list[_SNode]:
+        return [c for c in (self.f_index if index is None else index).get(key, []) if c.idx not in self.matched_f]
 
     @staticmethod
     def _key(op: str, act: list[tuple[int, str]]) -> tuple:
@@ -505,25 +605,31 @@ class _Matcher:
     def _match_node(self, q: _SNode) -> None:
         qg = self.qs.g
         mapped: list[tuple[int, str]] = []
+        loose: list[int] = []  # integer inputs (shapes, indices) whose producers found no float twin
         for pos, r in q.act:
             f = self.q2f.get(r)
             if f is None:
-                self.unmatched.append(
-                    Unmatched(q.name, "quant", qg.nodes[q.idx].op_type, f"its input '{r}' has no float counterpart")
-                )
+                if self.qs.is_integer(r):
+                    loose.append(pos)
+                    continue
+                self._fail(q, f"its input '{r}' has no float counterpart")
                 return
-            mapped.append((pos, f))
-        if not mapped:
+            mapped.append((pos, self._fcanon(f)))
+        if not mapped and not loose:
             return  # reads constants only
-        candidates = [c for c in self.f_index.get(self._key(q.op, mapped), []) if c.idx not in self.matched_f]
-        if not candidates and q.op in ("MatMul", "Gemm"):
+        candidates = [] if loose else self._unpaired(self._key(q.op, mapped))
+        if not candidates and not loose and q.op in ("MatMul", "Gemm"):
             alt = "Gemm" if q.op == "MatMul" else "MatMul"
             candidates = [
                 c
                 for c in self.fs.nodes
-                if c.op == alt and c.idx not in self.matched_f and [r for p, r in c.act if p == 0] == [mapped[0][1]]
+                if c.op == alt
+                and c.idx not in self.matched_f
+                and [self._fcanon(r) for p, r in c.act if p == 0] == [mapped[0][1]]
             ]
-        if not candidates:
+        if not candidates and (loose or any(self.fs.is_integer(f) for _, f in mapped)):
+            candidates = self._by_float_inputs(q, mapped, loose)
+        if not candidates and not loose:
             candidates, removed = self._through_float_layout(q, mapped)
             for idx in removed:
                 if idx not in self.skipped_f:
@@ -537,7 +643,21 @@ class _Matcher:
                         )
                     )
         if not candidates:
-            if q.op in LAYOUT and len(mapped) == 1 and len(q.outputs) == 1:
+            twin = self.qs.nodes_by_idx.get(q.same_as) if q.same_as is not None else None
+            if twin is not None and all(r in self.q2f for r in twin.outputs):
+                # a duplicate only the quantized model has (the float export shared one node)
+                for mine, theirs in zip(q.outputs, twin.outputs):
+                    self.q2f[mine] = self.q2f[theirs]
+                self.skipped.append(
+                    Unmatched(
+                        q.name,
+                        "quant",
+                        qg.nodes[q.idx].op_type,
+                        f"computes the same as '{twin.name}' (the float model has it once); matched through, not compared",
+                    )
+                )
+                return
+            if q.op in LAYOUT and len(mapped) == 1 and len(q.outputs) == 1 and not loose:
                 # a transpose/reshape only the quantized model has: match its consumers through it
                 self.q2f[q.outputs[0]] = mapped[0][1]
                 self.skipped.append(
@@ -549,35 +669,24 @@ class _Matcher:
                     )
                 )
                 return
-            self.unmatched.append(
-                Unmatched(
-                    q.name,
-                    "quant",
-                    qg.nodes[q.idx].op_type,
-                    f"no unpaired float {q.op} reads the float counterparts of its inputs",
-                )
-            )
+            self._fail(q, f"no unpaired float {q.op} reads the float counterparts of its inputs")
             return
         method = MatchMethod.STRUCTURE
-        if len(candidates) > 1:
+        if len(candidates) > 1 or self.qs.computes_integers(q):
             chosen, method = self._disambiguate(q, candidates)
             if chosen is None:
                 names = ", ".join(self.fs.g.node_label(c.idx) for c in candidates)
-                self.unmatched.append(
-                    Unmatched(
-                        q.name,
-                        "quant",
-                        qg.nodes[q.idx].op_type,
-                        f"ambiguous: float nodes {names} all fit by structure, names and weights",
-                    )
-                )
+                if len(candidates) == 1:
+                    self._fail(q, f"float {names} reads the same inputs but with other attributes or constants")
+                else:
+                    self._fail(q, f"ambiguous: float nodes {names} all fit by structure, names and weights")
                 return
             candidates = [chosen]
         f = candidates[0]
         chain = self._fusion_chain(q, f)
         conflict = self._shape_conflict(q, chain[-1])
         if conflict:
-            self.unmatched.append(Unmatched(q.name, "quant", qg.nodes[q.idx].op_type, conflict))
+            self._fail(q, conflict)
             return
         self.matched_f[f.idx] = (q, chain, method)
         for c in chain[1:]:
@@ -586,6 +695,36 @@ class _Matcher:
         for k, qr in enumerate(q.outputs):
             if k < len(end.outputs):
                 self.q2f[qr] = end.outputs[k]
+
+    def _fail(self, q: _SNode, reason: str) -> None:
+        """q stays unpaired; an integer node (shape arithmetic) is listed as skipped, not as a failure."""
+        record = Unmatched(q.name, "quant", self.qs.g.nodes[q.idx].op_type, reason)
+        if self.qs.computes_integers(q):
+            record = dataclasses.replace(record, reason=f"integer (shape) computation, not compared: {reason}")
+            self.skipped.append(record)
+        else:
+            self.unmatched.append(record)
+
+    def _by_float_inputs(self, q: _SNode, mapped: list[tuple[int, str]], loose: list[int]) -> list[_SNode]:
+        """Candidates found by q's float inputs alone, its integer (shape) inputs left out of the key.
+
+        A Reshape must not go unmatched because the Shape -> Gather -> Concat subgraph computing its
+        target found no twin (another exporter writes it differently). Integer inputs must still
+        sit at integer input positions of the float node (or be constants there); shapes decide
+        among several candidates.
+        """
+        floats = [(p, f) for p, f in mapped if not self.fs.is_integer(f)]
+        if not floats:
+            return []
+        integer_pos = set(loose) | {p for p, f in mapped if self.fs.is_integer(f)}
+        found = [
+            c
+            for c in self._unpaired(self._key(q.op, floats), self.f_index_float)
+            if {p for p, r in c.act if self.fs.is_integer(r)} <= integer_pos
+        ]
+        if len(found) > 1:
+            found = [c for c in found if not self._shape_conflict(q, c)] or found
+        return found
 
     def _through_float_layout(self, q: _SNode, mapped: list[tuple[int, str]]) -> tuple[list[_SNode], list[int]]:
         """Candidates reached by skipping float layout ops (Reshape, Transpose, ...) the quantized model lacks."""
@@ -610,8 +749,8 @@ class _Matcher:
         for combo in product(*options):
             if all(not path for _, path in combo):
                 continue
-            remapped = [(pos, root) for (pos, _), (root, _) in zip(mapped, combo)]
-            found = [c for c in self.f_index.get(self._key(q.op, remapped), []) if c.idx not in self.matched_f]
+            remapped = [(pos, self._fcanon(root)) for (pos, _), (root, _) in zip(mapped, combo)]
+            found = self._unpaired(self._key(q.op, remapped))
             if len(found) == 1:
                 return found, [i for _, path in combo for i in path]
         return [], []
@@ -635,6 +774,17 @@ class _Matcher:
         return ""
 
     def _disambiguate(self, q: _SNode, candidates: list[_SNode]) -> tuple[_SNode | None, MatchMethod]:
+        """One of several structural candidates, or None when they cannot be told apart.
+
+        In order: the same attributes and small integer constants (Gather index 0 vs 1, Slice
+        bounds; required for integer nodes, preferred for the others), then names, then nodes
+        that compute the same values (interchangeable: the first in float order), then weights.
+        """
+        same = [c for c in candidates if self._same_signature(q, c)]
+        if self.qs.computes_integers(q) or same:
+            candidates = same
+        if len(candidates) <= 1:
+            return (candidates[0] if candidates else None), MatchMethod.STRUCTURE
         qnode = self.qs.g.nodes[q.idx]
         qnames = {qnode.name, _base_name(qnode.name)} - {""}
         qouts = {_base_name(m) for r in q.outputs for m in self.qs.members[r]}
@@ -647,6 +797,8 @@ class _Matcher:
         if len(by_name) == 1:
             return by_name[0], MatchMethod.NAME
         pool = by_name or candidates
+        if len({tuple(self._fcanon(r) for r in c.outputs) for c in pool}) == 1:
+            return min(pool, key=lambda c: self.f_order[c.idx]), MatchMethod.STRUCTURE  # interchangeable
         scores = []
         for c in pool:
             s = self._weight_similarity(q, c)
@@ -657,6 +809,20 @@ class _Matcher:
             if len(order) == 1 or scores[best] - scores[order[1]] > 0.05:
                 return pool[best], MatchMethod.WEIGHTS
         return None, MatchMethod.STRUCTURE
+
+    def _same_signature(self, q: _SNode, f: _SNode) -> bool:
+        """Same attributes (plain operators) and equal small integer constants at each position."""
+        if q.spec is None and self.qs.attributes(q) != self.fs.attributes(f):
+            return False
+        for pos, qname in q.consts.items():
+            fname = f.consts.get(pos)
+            qv = self.qs.small_const(qname)
+            fv = self.fs.small_const(fname) if fname is not None else None
+            if qv is None or fv is None or qv.dtype.kind not in "iub" or fv.dtype.kind not in "iub":
+                continue
+            if qv.shape != fv.shape or not np.array_equal(qv, fv):
+                return False
+        return True
 
     def _weight_similarity(self, q: _SNode, f: _SNode) -> float:
         sims = []
@@ -746,8 +912,10 @@ class _Matcher:
                     break
                 froot = end.outputs[k]
                 if fg.is_float(froot) is False:
-                    self.unmatched.append(
-                        Unmatched(layer, "float", op_type, f"output '{froot}' is not a float tensor; not compared")
+                    self.skipped.append(
+                        Unmatched(
+                            layer, "float", op_type, f"integer (shape) computation, not compared: output '{froot}' is not a float tensor"
+                        )
                     )
                     continue
                 tap = self._tap(qr)
@@ -816,6 +984,11 @@ class _Matcher:
                 reason = f"its input '{missing}' has no counterpart in the quantized model"
             else:
                 reason = f"no quantized node of type {sn.op} reads the counterparts of its inputs"
+            if self.fs.computes_integers(sn):  # shape arithmetic: never compared, not a failed layer
+                self.skipped.append(
+                    Unmatched(fg.node_label(sn.idx), "float", node.op_type, f"integer (shape) computation, not compared: {reason}")
+                )
+                continue
             self.unmatched.append(Unmatched(fg.node_label(sn.idx), "float", node.op_type, reason))
 
     def _regions(self, pairs: list[TensorPair]) -> list[Region]:
@@ -1104,6 +1277,14 @@ def _dequantized_const(qs: _Skeleton, q: _SNode, fpos: int, name: str) -> tuple[
             s, z = spec.in_params[qpos]
             scale = g.const_value(ins[s]) if s < len(ins) and ins[s] else None
             zp = g.const_value(ins[z]) if z < len(ins) and ins[z] else None
+            if scale is not None and qnode.op_type == "DynamicQuantizeLSTM" and value.ndim == 3:
+                # W/R are stored [dirs, in, 4*hidden] with a scale per direction or per
+                # (direction, gate row): dequantize, then back to the float layout [dirs, 4*hidden, in]
+                scale = np.asarray(scale, np.float32).reshape(value.shape[0], 1, -1)
+                zp = np.asarray(zp if zp is not None else 0).astype(np.float32).reshape(-1)
+                zp = zp.reshape(value.shape[0], 1, -1) if zp.size > 1 else zp
+                real = ((value.astype(np.float32) - zp) * scale).transpose(0, 2, 1)
+                return real, ("per-channel (axis 1)" if scale.shape[2] > 1 else "per-tensor"), name
             if scale is not None:
                 axis = 0 if qnode.op_type in ("QLinearConv",) else value.ndim - 1
                 p = DequantParams(np.asarray(scale).reshape(-1), np.asarray(zp if zp is not None else 0).reshape(-1), axis)

@@ -143,7 +143,7 @@ class Alignment:
     Attributes:
         pairs: one row per tensor pair (ALIGNMENT_COLUMNS), float topological order.
         unmatched: what could not be paired, and why.
-        skipped: layout nodes only one model has, matched through and not compared.
+        skipped: not compared: layout nodes only one model has (matched through), integer (shape) nodes.
         meta: the two models' names and hashes.
     """
 

@@ -207,5 +207,5 @@ class Matching:
     outputs: tuple[TensorPair, ...]
     weights: tuple[WeightPair, ...]
     unmatched: tuple[Unmatched, ...]
-    skipped: tuple[Unmatched, ...] = ()  #: nodes matched through, not compared (layout ops one side lacks)
+    skipped: tuple[Unmatched, ...] = ()  #: not compared: layout ops one side lacks (matched through), integer (shape) nodes
     regions: tuple[Region, ...] = ()  #: per layer pair, the nodes computing it (for sensitivity)

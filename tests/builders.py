@@ -155,3 +155,119 @@ def strip_names(src: Path, dst: Path) -> Path:
     del m.graph.value_info[:]
     onnx.save(m, str(dst))
     return dst
+
+
+def shape_reshape_net(path: Path, seed: int = 0) -> onnx.ModelProto:
+    """A Conv, then a Reshape whose target shape is computed from the Conv's output the way
+    exporters write it (two identical Shape nodes of one tensor), then a MatMul head.
+
+    ::
+
+        x[1,3,8,8] -> Conv(conv) -> c[1,4,8,8] ----------------------------> Reshape(reshape) -> r[1,4,64]
+                                     |                                            ^
+                                     +-> Shape(shape_a) -> Slice(take_nc, 0:2) -> Concat(new_shape, [-1])
+                                     +-> Shape(shape_b) -> Gather(take_n, [0]) -> Concat(out_shape, [-1]) --+
+                                                                                                            v
+        r -> Transpose(swap, 0 2 1) -> t[1,64,4] -> MatMul(head, W2[4,8]) -> m[1,64,8] -> Reshape(flat) -> y[1,512]
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "B1"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (4, 8)).astype(np.float32), "W2"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([2], np.int64), "two"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["c"], ["sa"], name="shape_a"),
+        helper.make_node("Slice", ["sa", "zero", "two"], ["nc"], name="take_nc"),
+        helper.make_node("Concat", ["nc", "minus_one"], ["shp"], name="new_shape", axis=0),
+        helper.make_node("Reshape", ["c", "shp"], ["r"], name="reshape"),
+        helper.make_node("Transpose", ["r"], ["t"], name="swap", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "W2"], ["m"], name="head"),
+        helper.make_node("Shape", ["c"], ["sb"], name="shape_b"),
+        helper.make_node("Gather", ["sb", "zero"], ["n"], name="take_n", axis=0),
+        helper.make_node("Concat", ["n", "minus_one"], ["oshp"], name="out_shape", axis=0),
+        helper.make_node("Reshape", ["m", "oshp"], ["y"], name="flat"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shape_reshape_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512])],
+        inits,
+    )
+    return finish(graph, path)
+
+
+def shape_feeds(n: int = 4, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.random((1, 3, 8, 8), dtype=np.float32)} for _ in range(n)]
+
+
+def lstm_net(path: Path, seed: int = 0, seq: int = 6, batch: int = 2, feat: int = 8, hidden: int = 16) -> onnx.ModelProto:
+    """An LSTM and a MatMul head; Y_h is a second graph output.
+
+    ::
+
+        x[seq,batch,feat] -> LSTM(lstm, W, R, B) -> Y[seq,1,batch,hidden] -> Squeeze(squeeze, [1]) -> ys
+                                                 -> Y_h (output), Y_c
+        ys -> MatMul(head, W2[hidden,10]) -> logits[seq,batch,10]
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, feat)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
+        numpy_helper.from_array(rng.normal(0, 0.1, (1, 8 * hidden)).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (hidden, 10)).astype(np.float32), "W2"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+    ]
+    nodes = [
+        helper.make_node("LSTM", ["x", "W", "R", "B"], ["Y", "Y_h", "Y_c"], name="lstm", hidden_size=hidden),
+        helper.make_node("Squeeze", ["Y", "axis1"], ["ys"], name="squeeze"),
+        helper.make_node("MatMul", ["ys", "W2"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lstm_net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, feat])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [seq, batch, 10]),
+            helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, batch, hidden]),
+        ],
+        inits,
+    )
+    return finish(graph, path)
+
+
+def conv_act_conv(path: Path, activation: str = "Relu", seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(conv1) -> c1 -> Relu(act) or Clip(act, 0, 6) -> a1 -> Conv(conv2) -> y[1,4,8,8].
+
+    The first Conv's bias is negative enough that the activation clamps about half of its output.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1.0, (8, 3, 3, 3)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.normal(-0.5, 0.5, 8).astype(np.float32), "B1"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 3, 3)).astype(np.float32), "W2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "B2"),
+    ]
+    act = [helper.make_node("Relu", ["c1"], ["a1"], name="act")]
+    if activation == "Clip":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        act = [helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="act")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        *act,
+        helper.make_node("Conv", ["a1", "W2", "B2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_act_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    return finish(graph, path)

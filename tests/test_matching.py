@@ -217,10 +217,31 @@ def test_same_structure_resolved_by_weights_when_names_are_gone(tmp_path):
         assert np.abs(w.float_value - w.quant_value).max() < 0.05, w.layer
 
 
-def test_indistinguishable_candidates_are_reported_not_guessed(tmp_path):
+def test_identical_candidates_are_interchangeable(tmp_path):
+    """Two heads with equal weights read one tensor: they compute the same values, so with the
+    names gone either pairing is right (issue 16 item 9: not 'ambiguous')."""
     f = tmp_path / "f.onnx"
     two_heads(f, same_weights=True)
     q = quantize(f, tmp_path / "q.onnx", [{"x": np.random.default_rng(i).normal(size=(1, 8)).astype(np.float32)} for i in range(8)])
+    stripped = strip_names(q, tmp_path / "q_stripped.onnx")
+    m = _match(f, stripped)
+    assert {"head_a", "head_b", "combine"} <= {p.layer for p in m.pairs}
+    assert m.unmatched == ()
+
+
+def test_indistinguishable_candidates_are_reported_not_guessed(tmp_path):
+    """The float heads differ (u + v, u - v with v orthogonal to u), the quantized model's weights
+    (u) fit both equally: structure, names and weights cannot tell, and nothing is guessed."""
+    rng = np.random.default_rng(3)
+    u, v = rng.normal(size=64), rng.normal(size=64)
+    v -= (v @ u) / (u @ u) * u
+    f, middle = tmp_path / "f.onnx", tmp_path / "middle.onnx"
+    for path, (wa, wb) in ((f, (u + v, u - v)), (middle, (u, u))):
+        model = two_heads(path)
+        for init in model.graph.initializer:
+            init.CopyFrom(numpy_helper.from_array({"Wa": wa, "Wb": wb}[init.name].reshape(8, 8).astype(np.float32), init.name))
+        onnx.save(model, str(path))
+    q = quantize(middle, tmp_path / "q.onnx", [{"x": np.random.default_rng(i).normal(size=(1, 8)).astype(np.float32)} for i in range(8)])
     stripped = strip_names(q, tmp_path / "q_stripped.onnx")
     m = _match(f, stripped)
     assert not any(p.layer in ("head_a", "head_b") for p in m.pairs)
