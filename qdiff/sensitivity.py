@@ -443,12 +443,16 @@ def sensitivity(
 
     gains: dict[str, tuple[float | None, float | None]] = {}
     metric_meta: dict[str, Any] = {}
-    if gain and regions:
+    # gain is measured for the layers a config can usefully switch: those computing with a Conv,
+    # ConvTranspose, Gemm or MatMul (a Reshape or a weight-less Add is never a fallback candidate
+    # on its own, see qdiff.units); one edited model pair per layer is the expensive part
+    gain_regions = [r for r in regions if _computes(r)]
+    if gain and gain_regions:
         if eval_fn is not None:
-            gains, metric_meta = _gains_eval(f_loaded.proto, q_loaded.proto, regions, eval_fn, progress)
+            gains, metric_meta = _gains_eval(f_loaded.proto, q_loaded.proto, gain_regions, eval_fn, progress)
         else:
             gains, metric_meta = _gains_cosine(
-                f_loaded.proto, q_loaded.proto, regions, outputs, session_factory, source, progress
+                f_loaded.proto, q_loaded.proto, gain_regions, outputs, session_factory, source, progress
             )
 
     layers = _table(pairs, regions, acc, iso, gains, by, metric_meta.get("keep_float_metric", {}))
@@ -462,6 +466,13 @@ def sensitivity(
     meta.update(metric_meta)
     meta["unmeasured"] = [p.layer for p in pairs if p.layer not in iso]
     return SensitivityResult(layers, meta)
+
+
+def _computes(region: Region) -> bool:
+    """Does the layer compute with a Conv, ConvTranspose, Gemm or MatMul (a fallback candidate)?"""
+    from qdiff.units import COMPUTE_OPS
+
+    return any(n.op_type in COMPUTE_OPS for n in region.float_nodes)
 
 
 def _same_opset(f_loaded, fg: Graph, q_loaded):
@@ -706,6 +717,8 @@ def _table(pairs, regions, acc, iso, gains, by, keep_metric) -> pd.DataFrame:
         note = ""
         if r is None:
             note = "no isolated measurement (layer region not separable)"
+        elif gains and p.layer not in gains:
+            note = "no gain measured: not a Conv/Gemm/MatMul layer (never a fallback candidate on its own)"
         rows.append(
             {
                 "rank": 0,
