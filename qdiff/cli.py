@@ -168,7 +168,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--max-float-layers", type=int, metavar="N")
     fb.add_argument("--samples", type=int, default=64, metavar="N", help="eval samples per measurement (default 64)")
     fb.add_argument("-o", "--outdir", default="qdiff-fallback", metavar="OUTDIR")
-    fb.add_argument("--resume", action="store_true", help="continue from OUTDIR/config.json")
+    fb.add_argument("--resume", action="store_true", help="continue from OUTDIR (config.json, history.csv appended)")
+    fb.add_argument("--time-budget", type=float, metavar="SECONDS", help="try no further layer after this many seconds (the prune still runs)")
     add_report_options(fb, node_data=False)
 
     cs = sub.add_parser("calib-sweep", help="quantize with each calibration method and keep the best per layer")
@@ -407,6 +408,7 @@ def _fallback(args: argparse.Namespace) -> int:
                 outdir=out,
                 resume=args.resume,
                 samples=args.samples,
+                time_budget=args.time_budget,
                 progress=(lambda n, v: progress(n, None)) if progress else None,
             )
         except KeyboardInterrupt:

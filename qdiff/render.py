@@ -207,11 +207,17 @@ def fallback_renderable(result: Any) -> Any:
             str(r["size_bytes"]), f"{r['seconds']:.2f}", note, style="green" if r["target_met"] else None,
         )  # fmt: skip
     b = result.baseline
+    units = getattr(result, "units", 0)
+    share = f" of {units} ({100 * len(result.float_layers) / units:.0f} %)" if units else ""
     lines = [
-        f"target {b.get('target')}: {'reached' if result.reached else 'NOT reached'} with {len(result.float_layers)} "
+        f"target {b.get('target')}: {'reached' if result.reached else 'NOT reached'} with {len(result.float_layers)}{share} "
         f"layer(s) in float ({', '.join(result.float_layers) or 'none'}; {result.float_params} float parameters), "
         f"metric {_fmt(result.metric)}",
     ]
+    if not result.reached and getattr(result, "tried", None):
+        lines.append(f"tried in float: {', '.join(result.tried)}; the best it got is the metric above")
+    for note in b.get("notes") or []:
+        lines.append(f"note: {note}")
     if b.get("float_layers"):
         lines.append(
             f"baseline 'first and last layers in float' ({', '.join(b['float_layers'])}): metric {_fmt(b.get('metric'))}, "

@@ -1,0 +1,215 @@
+"""The fallback loop and the quantizer on a model shaped like a real PaddlePaddle export.
+
+PP-OCR exports (paddle2onnx) are opset 11/12, hold their weights in Constant nodes, decompose
+HardSwish into Add/Clip/Mul/Div, use opset-12 Squeeze (``axes`` attribute) and attention as
+MatMul(q, k) -> Softmax -> MatMul(p, v). Each of these broke the loop on the real models; the
+model below has all of them in a dozen nodes (bench/realmodels runs the real ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qdiff.cli import main
+from qdiff.fallback import fallback
+from qdiff.quantize import init_config, quantize
+from qdiff.sensitivity import sensitivity
+from qdiff.units import fallback_units
+
+OPSET = 12
+
+
+def _const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=f"p2o.Constant.{name}", value=numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def paddle_like(path: Path, seed: int = 0) -> Path:
+    """::
+
+        x[N,3,8,16] -> Conv(c1) -> HardSwish as Add/Clip/Mul/Div -> Conv(c2) -> ReduceMean(H) -> Squeeze(axes=[2])
+          -> Transpose -> MatMul(q) ─┬─> MatMul(q,k^T) -> Softmax -> MatMul(p,v) -> MatMul(head) -> y[N,16,10]
+                                     └─────── k = v = q ─┘
+    """
+    rng = np.random.default_rng(seed)
+    b1 = rng.normal(0, 0.1, 8)
+    b1[0] = 80.0  # one channel far off the others, read by nothing: the per-tensor ranges of c1 and hs get coarse
+    w2 = rng.normal(0, 0.2, (16, 8, 3, 3))
+    w2[:, 0] = 0.0
+    nodes = [
+        _const("w1", rng.normal(0, 0.4, (8, 3, 3, 3))), _const("b1", b1),
+        _const("w2", w2), _const("b2", rng.normal(0, 0.1, 16)),
+        _const("three", np.array(3.0)), _const("six", np.array(6.0)), _const("zero", np.array(0.0)),
+        _const("wq", rng.normal(0, 0.3, (16, 16))), _const("wh", rng.normal(0, 0.3, (16, 10))),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="p2o.Conv.0", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "three"], ["hs_a"], name="p2o.Add.0"),
+        helper.make_node("Clip", ["hs_a", "zero", "six"], ["hs_c"], name="p2o.Clip.0"),
+        helper.make_node("Mul", ["c1", "hs_c"], ["hs_m"], name="p2o.Mul.0"),
+        helper.make_node("Div", ["hs_m", "six"], ["hs"], name="p2o.Div.0"),
+        helper.make_node("Conv", ["hs", "w2", "b2"], ["c2"], name="p2o.Conv.1", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c2"], ["pooled"], name="p2o.ReduceMean.0", axes=[2], keepdims=1),
+        helper.make_node("Squeeze", ["pooled"], ["seq"], name="p2o.Squeeze.0", axes=[2]),
+        helper.make_node("Transpose", ["seq"], ["tok"], name="p2o.Transpose.0", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["tok", "wq"], ["q"], name="p2o.MatMul.0"),
+        helper.make_node("Transpose", ["q"], ["kt"], name="p2o.Transpose.1", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["att"], name="p2o.MatMul.1"),
+        helper.make_node("Softmax", ["att"], ["p"], name="p2o.Softmax.0", axis=2),
+        helper.make_node("MatMul", ["p", "q"], ["ctx"], name="p2o.MatMul.2"),
+        helper.make_node("MatMul", ["ctx", "wh"], ["y"], name="p2o.MatMul.3"),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "paddle_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 10])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def paddle(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paddle")
+    f = paddle_like(d / "rec.onnx")
+    rng = np.random.default_rng(3)
+    np.savez(d / "calib.npz", x=rng.normal(0, 1, (16, 3, 8, 16)).astype(np.float32))
+    return f, d / "calib.npz"
+
+
+def test_units_are_compute_layers_with_their_weightless_nodes(paddle):
+    f, _ = paddle
+    from qdiff.quantize import prepare_model
+
+    units = {u.name: u for u in fallback_units(prepare_model(onnx.load(str(f))).model)}
+    assert list(units) == ["p2o.Conv.0", "p2o.Conv.1", "p2o.MatMul.0", "p2o.MatMul.1", "p2o.MatMul.2", "p2o.MatMul.3"]
+    # the decomposed HardSwish belongs to the Conv before it; the Softmax to q·kᵀ; layout ops to no unit
+    assert set(units["p2o.Conv.0"].nodes) >= {"p2o.Add.0", "p2o.Clip.0", "p2o.Mul.0"}
+    assert "p2o.Softmax.0" in units["p2o.MatMul.1"].nodes
+    every = {n for u in units.values() for n in u.nodes}
+    assert not every & {"p2o.Squeeze.0", "p2o.Transpose.0", "p2o.Transpose.1"}
+    assert units["p2o.MatMul.1"].params == 0 and units["p2o.Conv.0"].params == 8 * 3 * 9 + 8  # scalars are no parameters
+
+
+def test_opset12_model_quantized_per_channel_loads_in_onnxruntime(paddle, tmp_path):
+    f, calib = paddle
+    cfg = init_config(f)
+    assert cfg.weight_quant_params["per_channel"]
+    report = quantize(f, cfg, calib, tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    # raised to opset 13 (per-channel DequantizeLinear has an axis there), weights per channel
+    assert next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    scales = [numpy_helper.to_array(t) for t in q.graph.initializer if t.name == "w2_scale"]
+    assert scales and scales[0].shape == (16,)
+    assert not [w for w in report.warnings if "per-tensor" in w]
+    s = ort.InferenceSession(str(tmp_path / "q.onnx"))
+    x = np.load(calib)["x"][:2]
+    ref = ort.InferenceSession(str(f)).run(None, {"x": x})[0]
+    got = s.run(None, {"x": x})[0]
+    cos = float(np.sum(ref * got) / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.98
+
+
+def test_sensitivity_of_an_opset12_float_model_and_its_opset13_int8(paddle, tmp_path):
+    f, calib = paddle
+    quantize(f, init_config(f), calib, tmp_path / "q.onnx")
+    r = sensitivity(f, tmp_path / "q.onnx", data=calib, samples=4, by="gain")
+    layers = r.layers.set_index("layer")
+    assert layers["isolated_cosine"].notna().sum() >= 6
+    compute = layers[layers["op_type"].str.contains("Conv|MatMul")]
+    assert len(compute) == 6 and compute["gain"].notna().all()
+    assert layers[~layers.index.isin(compute.index)]["gain"].isna().all()
+
+
+EVALS = {
+    "raises": ("def metric(path):\n    return helper(path)\n\ndef helper(path):\n    raise ValueError('bad labels file')\n",
+               "raised ValueError: bad labels file"),
+    "string": ("def metric(path):\n    return 'high'\n", "returned str 'high'"),
+    "none": ("def metric(path):\n    return None\n", "returned NoneType"),
+    "nan": ("def metric(path):\n    return float('nan')\n", "returned nan"),
+    "exits": ("import sys\ndef metric(path):\n    sys.exit(3)\n", "SystemExit(3)"),
+    "import": ("import no_such_module_qdiff\ndef metric(path):\n    return 1.0\n", "cannot import"),
+    "import_raises": ("raise RuntimeError('config missing')\ndef metric(path):\n    return 1.0\n", "RuntimeError: config missing"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(EVALS))
+def test_a_failing_eval_function_is_one_error_line_and_no_outdir(paddle, tmp_path, capsys, kind):
+    f, calib = paddle
+    code, expected = EVALS[kind]
+    ev = tmp_path / "my_eval.py"
+    ev.write_text(code)
+    out = tmp_path / "out"
+    rc = main(["fallback", str(f), "--calib", str(calib), "--eval", f"{ev}:metric", "--target", "metric_drop<=0.01", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    first = err.splitlines()[0]
+    assert first.startswith("qdiff: error: --eval") and expected in first, err
+    assert "Traceback" not in err and "qdiff/" not in err  # the user's frames only
+    if kind == "raises":
+        assert "my_eval.py" in err and "in helper" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["cosine>=1e", "cosine>=2", "metric_drop<=nan", "accuracy>=0.9", "cosine<=0.9"])
+def test_a_bad_target_is_refused_before_anything_runs(paddle, tmp_path, capsys, target):
+    f, calib = paddle
+    out = tmp_path / "out"
+    assert main(["fallback", str(f), "--calib", str(calib), "--target", target, "-o", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("qdiff: error: --target")
+    assert not out.exists()
+
+
+def test_a_model_onnxruntime_rejects_is_refused_before_outdir(tmp_path, capsys):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"], name="mm"), helper.make_node("NoSuchOp", ["t"], ["y"], name="bad")], "g", [x], [y], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    np.savez(tmp_path / "c.npz", x=np.ones((2, 1, 4), np.float32))
+    out = tmp_path / "out"
+    assert main(["fallback", str(tmp_path / "bad.onnx"), "--calib", str(tmp_path / "c.npz"), "--target", "cosine>=0.9", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdiff: error: onnxruntime cannot load") and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_fallback_reaches_a_task_target_on_the_paddle_like_model_and_resume_repairs_a_torn_write(paddle, tmp_path):
+    f, calib = paddle
+    x = np.load(calib)["x"]
+    ref = ort.InferenceSession(str(f)).run(None, {"x": x})[0]
+
+    def agreement(path: str) -> float:  # token-level top-1 agreement with the float model, like a CTC decode
+        got = ort.InferenceSession(path).run(None, {"x": x})[0]
+        return float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+
+    cfg = init_config(f)
+    cfg.activation_quant_params["type"] = "QUInt8"
+    out = tmp_path / "out"
+    r = fallback(f, calib, target="metric_drop<=0.005", eval=agreement, config=cfg, outdir=out, samples=8)
+    hist = pd.read_csv(out / "history.csv")
+    assert r.reached and r.metric <= 0.005 and r.units == 6
+    assert list(hist["step"][:2]) == ["start", "baseline"] and hist["metric"].iloc[0] > 0.005  # there was work to do
+    # the model on disk is the one whose hash the history gives for the written config
+    chosen = hist[hist["float_layers"].fillna("") == " ".join(r.float_layers)]
+    digest = hashlib.sha256((out / "model.int8.onnx").read_bytes()).hexdigest()
+    assert digest in set(chosen["model_sha256"])
+    assert 1.0 - agreement(str(out / "model.int8.onnx")) == pytest.approx(r.metric)
+    # a kill between writing the model and the config: resume puts the config's model back
+    (out / "model.int8.onnx").write_bytes(b"torn")
+    r2 = fallback(f, calib, target="metric_drop<=0.005", eval=agreement, outdir=out, resume=True, samples=8)
+    assert hashlib.sha256((out / "model.int8.onnx").read_bytes()).hexdigest() in set(chosen["model_sha256"])
+    assert r2.float_layers == r.float_layers and len(pd.read_csv(out / "history.csv")) >= len(hist)
+    assert json.loads((out / "config.json").read_text())["layers"]
+
