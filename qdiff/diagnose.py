@@ -427,7 +427,25 @@ class _QParams:
         return f"{s.size} per-channel scales [{float(s.min()):.6g} .. {float(s.max()):.6g}] ({tname})"
 
 
-def _qparams(g: Graph, node: onnx.NodeProto, s_pos: int, z_pos: int, axis: int = 1) -> _QParams | None:
+def _bad_scale(scale: np.ndarray) -> str:
+    """What is wrong with a scale that is not a finite positive number ('' when every value is fine)."""
+    given = np.asarray(scale).reshape(-1)
+    s = given.astype(np.float64)
+    bad = ~(np.isfinite(s) & (s > 0))
+    if not bad.any():
+        return ""
+    first = int(np.argmax(bad))
+    if s.size == 1:
+        return f"scale {given[0]}"
+    return f"{int(bad.sum())} of {s.size} per-channel scales not finite positive numbers (channel {first}: {given[first]})"
+
+
+def _qparams(
+    g: Graph, node: onnx.NodeProto, s_pos: int, z_pos: int, axis: int = 1, *, corrupt_ok: bool = False
+) -> _QParams | None:
+    """The parameters at ``s_pos``/``z_pos`` of ``node``; None when not constant, or corrupt (a scale
+    of 0, negative, NaN or inf: :func:`check_qparams` reports those, the other checks skip them)
+    unless ``corrupt_ok``."""
     ins = list(node.input)
     if s_pos >= len(ins) or not ins[s_pos]:
         return None
@@ -443,12 +461,41 @@ def _qparams(g: Graph, node: onnx.NodeProto, s_pos: int, z_pos: int, axis: int =
     else:
         zp = np.zeros(np.asarray(scale).shape, np.int64)
         et = attr_value(node, "output_dtype", 0) or onnx.TensorProto.UINT8
+    if not corrupt_ok and _bad_scale(scale):
+        return None
     return _QParams(np.asarray(scale), np.asarray(zp), int(et), int(axis))
 
 
-def _q_node_params(g: Graph, node: onnx.NodeProto) -> _QParams | None:
-    """Parameters of a QuantizeLinear / DequantizeLinear node."""
-    return _qparams(g, node, 1, 2, attr_value(node, "axis", 1))
+def _q_node_params(g: Graph, node: onnx.NodeProto, *, corrupt_ok: bool = False) -> _QParams | None:
+    """Parameters of a QuantizeLinear / DequantizeLinear node (None when corrupt, unless ``corrupt_ok``)."""
+    return _qparams(g, node, 1, 2, attr_value(node, "axis", 1), corrupt_ok=corrupt_ok)
+
+
+def _all_qparams(g: Graph, idx: int) -> list[tuple[str, str, _QParams]]:
+    """(quantized tensor, scale tensor, parameters) of every scale a node declares, corrupt ones included."""
+    node = g.nodes[idx]
+    ins = list(node.input)
+    found: list[tuple[str, int, int]] = []  # (tensor, scale position, zero-point position)
+    if node.op_type == "QuantizeLinear" and ins:
+        found.append((ins[0], 1, 2))
+    elif node.op_type == "DequantizeLinear" and ins:
+        writer = _producer(g, ins[0])
+        found.append((writer.input[0] if writer is not None and writer.op_type == "QuantizeLinear" else ins[0], 1, 2))
+    elif node.op_type == "QLinearConcat":
+        found.append((node.output[0], 0, 1))
+        found += [(ins[2 + 3 * k], 3 + 3 * k, 4 + 3 * k) for k in range((len(ins) - 2) // 3)]
+    elif node.op_type in QOP_SPECS:
+        spec = QOP_SPECS[node.op_type]
+        found += [(ins[q] if q < len(ins) else "", s, z) for q, (s, z) in spec.in_params.items()]
+        if spec.out_params is not None and node.output:
+            found.append((node.output[0], *spec.out_params))
+    out = []
+    for tensor, s, z in found:
+        axis = attr_value(node, "axis", 1) if node.op_type in _QDQ else 1
+        p = _qparams(g, node, s, z, axis, corrupt_ok=True)
+        if p is not None:
+            out.append((tensor, ins[s], p))
+    return out
 
 
 def _producer(g: Graph, name: str) -> onnx.NodeProto | None:
@@ -537,6 +584,27 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
     g = ctx.qg
     findings: list[Finding] = []
     rows: list[dict[str, Any]] = []
+    corrupt: dict[tuple[str, str], list[str]] = {}  # (tensor, scale tensor) -> readers
+    for idx, node in enumerate(g.nodes):
+        for tensor, scale_name, p in _all_qparams(g, idx):
+            problem = _bad_scale(p.scale)
+            if problem:
+                readers = corrupt.setdefault((tensor, scale_name), [])
+                if not readers:
+                    where = ctx.layers.tensor(tensor)
+                    findings.append(
+                        Finding(
+                            "qparams",
+                            "error",
+                            where,
+                            f"'{tensor}' is quantized with {problem} (scale tensor '{scale_name}', read by "
+                            f"{node.op_type} '{g.node_label(idx)}'): a scale must be a finite number above 0; "
+                            "the other checks skip this tensor",
+                            "Re-quantize: a calibration that saw a constant or empty tensor gives scale 0, non-finite "
+                            "calibration data gives NaN/inf; or exclude this node from quantization.",
+                        )
+                    )
+                readers.append(g.node_label(idx))
     for idx, node in enumerate(g.nodes):
         layer = ctx.layers.node(idx) if node.op_type not in _QDQ else ""
         if node.op_type in PASS_THROUGH_OPS:
@@ -600,6 +668,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
     ctx.stats["qparams"] = {
         "pass_through_pairs_checked": len(rows),
         "mismatched": int(sum(1 for r in rows if not r["agree"])),
+        "corrupt_scales": len(corrupt),
     }
     return findings
 

@@ -107,6 +107,26 @@ def test_qparams_error_when_dq_reads_with_other_parameters_than_q_wrote(conv, tm
     assert len(errors) == 1 and "read back wrong" in errors[0].message and errors[0].layer == "pool1"
 
 
+@pytest.mark.parametrize("factor", [0.0, float("nan"), float("inf"), -1.0], ids=["zero", "nan", "inf", "negative"])
+def test_qparams_reports_a_corrupt_scale_and_the_other_checks_skip_it(conv, tmp_path, capfd, factor):
+    """A scale of 0, NaN, inf or below 0 is an error naming the tensor and the value; nothing crashes."""
+    edited = tmp_path / "corrupt.onnx"
+    bad = _set_qdq_scale(conv["qdq"], edited, ("p1",), factor)
+    result = diagnose(edited, conv["float"])
+    assert all(v["status"] in ("ran", "not applicable") for v in result.meta["checks"].values()), result.meta["checks"]
+    errors = [f for f in result.findings if f.check == "qparams" and f.severity == "error"]
+    assert len(errors) == 1, [f.message for f in errors]
+    assert "'p1'" in errors[0].message and f"scale {np.float32(bad)}" in errors[0].message
+    assert "p1_edited_scale" in errors[0].message
+    # the saturation check measured the other tensors and skipped this one
+    measured = set(result.tables["saturation"]["tensor"])
+    assert "p1" not in measured and {"r1", "f"} <= measured
+    # the pass-through check neither crashed nor called the corrupt scale a mismatch
+    assert not [f for f in result.findings if f.check == "qparams" and f.severity == "warning"]
+    rc, _, err = run_cli(["diagnose", str(edited), str(conv["float"])], capfd)
+    assert "Traceback" not in err and rc != 2
+
+
 def test_qparams_flags_concat_the_quantizer_left_with_mixed_scales(tmp_path):
     """onnxruntime's QDQ quantizer gives a Concat's inputs their own scales: a real trigger."""
     rng = np.random.default_rng(0)
