@@ -1596,7 +1596,14 @@ class _F16Acc:
     max_abs: float = 0.0
 
     def update(self, f: np.ndarray | None, q: np.ndarray) -> None:
+        """Add one sample: ``f`` the float32 model's tensor (None without FLOAT), ``q`` the FP16 model's.
+
+        A ``q`` in float32 comes from a node the FP16 model computes in float32 (kept out of the
+        conversion, e.g. by ``node_block_list``: Casts around it): it cannot overflow float16, so its
+        float32 values beyond ±65504 are not counted as overflow.
+        """
         q = np.asarray(q)
+        reduced = q.dtype == np.float16 or q.dtype.name == "bfloat16"
         self.n += int(q.size)
         self.inf += int(np.isinf(q).sum())
         self.nan += int(np.isnan(q).sum())
@@ -1613,7 +1620,8 @@ class _F16Acc:
         af = np.abs(f)
         if ff.any():
             self.max_abs = max(self.max_abs, float(af[ff].max()))
-        self.overflow += int((ff & (af > FP16_MAX)).sum())
+        if reduced:
+            self.overflow += int((ff & (af > FP16_MAX)).sum())
         self.new_nonfinite += int((ff & ~qf).sum())
         tiny = ff & (af > 0) & (af < FP16_MIN_NORMAL)
         self.tiny += int(tiny.sum())

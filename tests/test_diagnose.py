@@ -304,6 +304,24 @@ def test_fp16_flags_overflow_and_suggests_the_block_list():
     assert any("node_block_list=['mm', 'sm']" in f.suggestion for f in result.findings)
 
 
+def test_fp16_overflow_is_gone_once_the_suggested_nodes_are_blocked():
+    """Nodes kept in float32 by node_block_list (Casts around them) cannot overflow float16."""
+    float16 = pytest.importorskip("onnxconverter_common.float16", reason="onnxconverter-common not installed")
+    w = np.clip(np.random.default_rng(1).normal(0, 1.5e4, (32, 32)), -6e4, 6e4).astype(np.float32)
+    f32, f16 = _fp16_pair(w)
+    block = diagnose(f16, f32, {"x": FP16_X}, checks=["fp16"]).meta["stats"]["fp16"]["node_block_list"]
+    assert block == ["mm", "sm"]
+    fixed = float16.convert_float_to_float16(f32, keep_io_types=True, node_block_list=block)
+    fixed.ir_version = 10
+    result = diagnose(fixed, f32, {"x": FP16_X}, checks=["fp16"])
+    assert _problems(result, "fp16") == []
+    assert result.tables["fp16"].set_index("layer").loc["mm", "overflow_fp32"] == 0
+    # blocking the MatMul alone casts its values to float16 for the Softmax: that still overflows
+    half = float16.convert_float_to_float16(f32, keep_io_types=True, node_block_list=["mm"])
+    half.ir_version = 10
+    assert [(f.severity, f.layer) for f in _problems(diagnose(half, f32, {"x": FP16_X}, checks=["fp16"]), "fp16")] == [("error", "mm")]
+
+
 def test_fp16_flags_an_error_jump_and_the_block_list_fixes_it():
     rng = np.random.default_rng(2)
     w = rng.normal(0, 0.3, (32, 32)).astype(np.float32)
