@@ -422,9 +422,26 @@ class _QParams:
         s = np.asarray(self.scale).reshape(-1)
         z = np.asarray(self.zero_point).reshape(-1)
         tname = _TYPE_NAMES.get(self.elem_type, str(self.elem_type))
+        # 9 significant digits: every float32 prints as itself, so scales that differ (same_as
+        # compares at 1e-6) never print alike
         if s.size == 1:
-            return f"scale {float(s[0]):.6g}, zero point {int(z[0]) if z.size else 0} ({tname})"
-        return f"{s.size} per-channel scales [{float(s.min()):.6g} .. {float(s.max()):.6g}] ({tname})"
+            return f"scale {float(s[0]):.9g}, zero point {int(z[0]) if z.size else 0} ({tname})"
+        return f"{s.size} per-channel scales [{float(s.min()):.9g} .. {float(s.max()):.9g}] ({tname})"
+
+    def override(self) -> str:
+        """This scale/zero point as one ``TensorQuantOverrides`` entry onnxruntime's quantizer accepts.
+
+        ``quantize_static(extra_options={"TensorQuantOverrides": {name: [entry]}})`` takes scale and zero
+        point as numpy arrays (it calls ``.squeeze()`` on them), the zero point in the integer type.
+        """
+        s = np.asarray(self.scale).reshape(-1)
+        z = np.asarray(self.zero_point).reshape(-1)
+        sdt = "float16" if s.dtype == np.float16 else "float32"
+        zdt = _TYPE_NAMES.get(self.elem_type, "uint8")
+        zdt = {"int4": "int8", "uint4": "uint8"}.get(zdt, zdt)  # numpy has no 4-bit type
+        scale = f"{float(s[0]):.9g}" if s.size == 1 else "[" + ", ".join(f"{float(v):.9g}" for v in s) + "]"
+        zp = str(int(z[0]) if z.size else 0) if s.size == 1 else str([int(v) for v in z])
+        return f"{{'scale': np.array({scale}, dtype=np.{sdt}), 'zero_point': np.array({zp}, dtype=np.{zdt})}}"
 
 
 def _bad_scale(scale: np.ndarray) -> str:
@@ -629,7 +646,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
             for i, ip, o, op in [(i, ip, o, op) for i, ip in ins for o, op in outs]:
                 rows.append(_qparam_row(layer, g.node_label(idx), node.op_type, i, ip, o, op))
             if bad:
-                findings.append(_pass_through_finding(layer, g.node_label(idx), node.op_type, bad))
+                findings.append(_pass_through_finding(g, layer, g.node_label(idx), node.op_type, bad))
         elif node.op_type == "QLinearConcat":
             n_in = (len(node.input) - 2) // 3
             out_p = _qparams(g, node, 0, 1)
@@ -642,7 +659,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
                 if not ip.same_as(out_p):
                     bad.append((node.input[2 + 3 * k], ip, node.output[0], out_p))
             if bad:
-                findings.append(_pass_through_finding(layer, g.node_label(idx), "Concat", bad))
+                findings.append(_pass_through_finding(g, layer, g.node_label(idx), "Concat", bad))
         # a reader's parameters against the writer's
         reads = _declared_reads(g, node)
         for name, declared in reads:
@@ -688,22 +705,34 @@ def _qparam_row(layer: str, node: str, op: str, i: str, ip: _QParams, o: str, op
     }  # fmt: skip
 
 
-def _pass_through_finding(layer: str, node: str, op: str, bad: list[tuple[str, _QParams, str, _QParams]]) -> Finding:
+def _float_name(g: Graph, name: str) -> str:
+    """The float tensor an integer or dequantized tensor stands for (the name quantizer overrides take)."""
+    p = _producer(g, name)
+    if p is not None and p.op_type == "DequantizeLinear" and p.input:
+        q = _producer(g, p.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and q.input:
+            return q.input[0]
+    return _base_name(name)
+
+
+def _pass_through_finding(
+    g: Graph, layer: str, node: str, op: str, bad: list[tuple[str, _QParams, str, _QParams]]
+) -> Finding:
     i, ip, o, op_ = bad[0]
     more = f" ({len(bad) - 1} more input/output pair(s) differ)" if len(bad) > 1 else ""
     if op == "Concat":
+        names = list(dict.fromkeys(_float_name(g, b[0]) for b in bad))
+        overrides = ", ".join(f"'{n}': [{op_.override()}]" for n in names)
         suggestion = (
-            "Give every Concat input and its output one scale and zero point (calibrate them to a common range, "
-            f"e.g. onnxruntime TensorQuantOverrides with {op_.text().split(' (')[0]} on each input), so int8 "
-            "kernels concatenate without requantizing."
+            "Give every Concat input and its output one scale and zero point, so int8 kernels concatenate without "
+            "requantizing: re-quantize with quantize_static(..., extra_options={'TensorQuantOverrides': "
+            f"{{{overrides}}}}}) (numpy as np)."
         )
     else:
-        scale = float(np.asarray(ip.scale).reshape(-1)[0])
-        zp = int(np.asarray(ip.zero_point).reshape(-1)[0])
         suggestion = (
-            f"Quantize '{o}' with the input's parameters (onnxruntime: TensorQuantOverrides "
-            f"{{'{o}': [{{'scale': {scale:.6g}, 'zero_point': {zp}}}]}}), or remove the extra Q/DQ pair so the "
-            f"{op} runs on the int8 values it is given."
+            f"Quantize '{_float_name(g, o)}' with the input's parameters: re-quantize with quantize_static(..., "
+            f"extra_options={{'TensorQuantOverrides': {{'{_float_name(g, o)}': [{ip.override()}]}}}}) (numpy as np), "
+            f"or remove the extra Q/DQ pair so the {op} runs on the int8 values it is given."
         )
     return Finding(
         "qparams",

@@ -8,6 +8,7 @@ overflow counts, weight bytes) are recomputed here with numpy from the same data
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,37 @@ def test_qparams_flags_concat_the_quantizer_left_with_mixed_scales(tmp_path):
     problems = _problems(diagnose(tmp_path / "cat.qdq.onnx", tmp_path / "cat.onnx", checks=["qparams"]), "qparams")
     assert [f.layer for f in problems] == ["concat"]
     assert "Concat" in problems[0].message and "one scale and zero point" in problems[0].suggestion
+    # the suggestion pastes into quantize_static as it is, and re-quantizing with it fixes the finding
+    extra = _pasted_extra_options(problems[0].suggestion)
+    assert set(extra["TensorQuantOverrides"]) == {"r"}  # the input whose scale differs
+    quantize(tmp_path / "cat.onnx", tmp_path / "fixed.onnx", feeds, extra_options=extra, **QDQ_INT8)
+    assert _problems(diagnose(tmp_path / "fixed.onnx", tmp_path / "cat.onnx", checks=["qparams"]), "qparams") == []
+
+
+def _pasted_extra_options(suggestion: str) -> dict:
+    """The ``extra_options={...}`` a suggestion spells out, evaluated as a user pasting it would."""
+    start = suggestion.index("extra_options=") + len("extra_options=")
+    depth = 0
+    for end in range(start, len(suggestion)):
+        depth += {"{": 1, "}": -1}.get(suggestion[end], 0)
+        if depth == 0:
+            break
+    return eval(suggestion[start : end + 1], {"np": np})  # noqa: S307 - the test pastes what a user would
+
+
+def test_qparams_mismatch_prints_scales_that_differ_differently(conv, tmp_path):
+    """same_as compares at 1e-6: a scale 3e-6 off is a mismatch and must not print like the other one."""
+    edited = tmp_path / "edited.onnx"
+    _set_qdq_scale(conv["qdq"], edited, ("p1", "f"), 1 + 3e-6)
+    problems = _problems(diagnose(edited, conv["float"], checks=["qparams"]), "qparams")
+    assert [f.layer for f in problems] == ["pool1"]
+    scales = re.findall(r"has scale ([0-9.e+-]+),", problems[0].message)
+    assert len(scales) == 2 and scales[0] != scales[1], problems[0].message
+    # the pasteable override carries the input's scale exactly (float32) and an int8 zero point
+    extra = _pasted_extra_options(problems[0].suggestion)
+    (entry,) = extra["TensorQuantOverrides"]["p1"]
+    assert entry["scale"] == np.float32(scales[0]) and entry["scale"].dtype == np.float32
+    assert entry["zero_point"].dtype == np.int8
 
 
 # -- coverage ------------------------------------------------------------------------------------
