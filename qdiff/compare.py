@@ -188,6 +188,8 @@ def compare(
     )  # fmt: skip
     meta["engine"] = engine_used
     meta["metrics_kernel"] = m.kernel
+    if not _kernels.available():
+        meta["metrics_kernel_reason"] = _kernels.unavailable_reason()
     meta["integer_taps"] = m.integer_taps
     meta["pipeline_workers"] = m.pipeline_workers
     meta["workers"] = m.shards
