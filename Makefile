@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install samples clean
+.PHONY: demo test test-min install samples clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,28 @@ test: $(STAMP)
 	sh scripts/install_chromium.sh
 	$(BIN)/python -m pytest -q
 
+# The dependency floors of pyproject.toml, exactly, in a second venv: a fast subset that loads,
+# quantizes, compares, diagnoses and profiles (about a minute). CI runs it after `make test`.
+MIN_VENV ?= .venv-min
+MIN_PINS := "numpy==1.24.4" "onnx==1.16.0" "onnxruntime[quantization]==1.28.0" "pandas==2.0.3" \
+	"matplotlib==3.7.0" "rich==13.0.0"
+MIN_TESTS := tests/test_api.py tests/test_compare.py tests/test_diagnose.py tests/test_profile.py \
+	tests/test_config_quantize.py tests/test_kernels.py
+
+$(MIN_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install --quiet $(MIN_PINS) -e ".[test]"
+	touch $@
+
+test-min: $(MIN_VENV)/.installed
+	$(MIN_VENV)/bin/python -c "import numpy, onnx, onnxruntime; print('floors: numpy', numpy.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q -p no:cacheprovider $(MIN_TESTS)
+
 # Regenerate sample_models/ (needs scikit-learn and onnxconverter-common; not needed by tests).
 samples: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[samples]"
 	$(BIN)/python sample_models/build.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache build *.egg-info

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 import threading
 from typing import Any
@@ -55,6 +56,8 @@ _TYPES = {
 
 _TINY = float(np.finfo(np.float64).tiny)
 
+log = logging.getLogger(__name__)
+
 _lock = threading.Lock()
 _lib: Any = None
 _reason: str | None = None
@@ -72,7 +75,20 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+#: the module the kernels load from (tests point it at broken ones)
+_MODULE = "qdiff._ckernels"
+
+
+class _NotBuilt(Exception):
+    pass
+
+
 def _load() -> Any:
+    """The extension's ctypes library, or None with :data:`_reason` saying why.
+
+    Any failure to load it (not built, a file that is no shared library, a stale build missing a
+    symbol, an import-system error) means the numpy path runs: nothing here raises.
+    """
     global _lib, _reason
     if _lib is not None or _reason is not None:
         return _lib
@@ -82,22 +98,28 @@ def _load() -> Any:
         if os.environ.get("QDIFF_KERNELS", "").strip().lower() == "numpy":
             _reason = "disabled by QDIFF_KERNELS=numpy"
             return None
-        spec = importlib.util.find_spec("qdiff._ckernels")
-        if spec is None or not spec.origin:
-            _reason = "the C extension qdiff._ckernels was not built (no C compiler at install?)"
-            return None
         try:
-            lib = ctypes.CDLL(spec.origin)
-        except OSError as exc:
-            _reason = f"the C extension qdiff._ckernels could not be loaded ({exc})"
-            return None
-        p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-        lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
-        lib.qd_many.restype = i32
-        lib.qd_col_sums.argtypes = [p, p, i64, i64, p, p, p]
-        lib.qd_col_sums.restype = None
-        _lib = lib
+            _lib = _open(_MODULE)
+        except _NotBuilt:
+            _reason = f"the C extension {_MODULE} was not built (no C compiler at install?)"
+        except Exception as exc:  # noqa: BLE001 - whatever the failure, the numpy path runs
+            first = (str(exc).splitlines() or [""])[0][:200]
+            _reason = f"the C extension {_MODULE} could not be loaded ({type(exc).__name__}: {first}); reinstall qdiff to rebuild it"
+            log.warning("%s; using the numpy path", _reason)
         return _lib
+
+
+def _open(module: str) -> Any:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin:
+        raise _NotBuilt(module)
+    lib = ctypes.CDLL(spec.origin)
+    p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    lib.qd_many.argtypes = [i64, p, p, p, p, i64, i64, f64, f64, f64]
+    lib.qd_many.restype = i32
+    lib.qd_col_sums.argtypes = [p, p, i64, i64, p, p, p]
+    lib.qd_col_sums.restype = None
+    return lib
 
 
 def _threads() -> Any:

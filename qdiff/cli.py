@@ -184,6 +184,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ex.add_argument("config", metavar="CONFIG")
     ex.add_argument("--to", required=True, choices=["ort", "mnn", "nncf", "tflite"])
     ex.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    ex.add_argument("--model", metavar="FLOAT", help="the float ONNX model the config is for (needed by --to mnn)")
 
     for module in _EXTRA_COMMANDS:
         import importlib
@@ -453,7 +454,7 @@ def _export(args: argparse.Namespace) -> int:
     from qdiff.config import load_config
     from qdiff.quantize import export_skip_list
 
-    text = export_skip_list(load_config(args.config), args.to)
+    text = export_skip_list(load_config(args.config), args.to, model=args.model)
     if args.output:
         _check_writable(args.output, "-o")
         write_atomic(args.output, text)

@@ -223,9 +223,9 @@ def profile_renderable(result: ProfileResult) -> Any:
         )  # fmt: skip
     speed = s.get("speedup")
     lines = [
-        f"total per run: float {_num(s['float_total_us'])} µs, quantized {_num(s['quant_total_us'])} µs"
+        f"total per run, without profiling: float {_num(s['float_total_us'])} µs, quantized {_num(s['quant_total_us'])} µs"
         + (f" (speedup {speed:.2f}×)" if speed else ""),
-        f"kernel time: float {_num(s['float_kernel_us'])} µs, quantized {_num(s['quant_kernel_us'])} µs, of which "
+        f"kernel time, profiled runs: float {_num(s['float_kernel_us'])} µs, quantized {_num(s['quant_kernel_us'])} µs, of which "
         f"Q/DQ/Cast {_num(s['conversion_us'])} µs ({100 * s['conversion_share']:.0f}%)",
         f"* slower after quantization: {s['layers_slower']} of {s['layers']} layers; timings are noisy, compare runs on one machine",
     ]

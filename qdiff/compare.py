@@ -166,7 +166,7 @@ def compare(
         m = _measure_sharded(
             float_model, quant_model, data, tensor_map, workers, engine, options,
             dict(samples=samples, batch_size=batch_size, seed=seed, input_shapes=parse_input_shapes(input_shapes)),
-            len(pairs), len(outputs), progress, max_memory, executor,
+            len(pairs), len(outputs), progress, max_memory, executor, source.count,
         )  # fmt: skip
         source.batches, source.samples, source.digests = m.batches, m.samples, m.digests
     if source.batches == 0:
@@ -188,9 +188,13 @@ def compare(
     )  # fmt: skip
     meta["engine"] = engine_used
     meta["metrics_kernel"] = m.kernel
+    if not _kernels.available():
+        meta["metrics_kernel_reason"] = _kernels.unavailable_reason()
     meta["integer_taps"] = m.integer_taps
     meta["pipeline_workers"] = m.pipeline_workers
-    meta["workers"] = workers
+    meta["workers"] = m.shards
+    if m.shards != workers:
+        meta["workers_requested"] = workers
     meta["warnings"] = warnings
     if len(matching.skipped):
         meta["skipped"] = [asdict(u) for u in matching.skipped]
@@ -347,6 +351,8 @@ class _Measured:
     kernel: str = "numpy"
     integer_taps: int = 0
     pipeline_workers: int = 1
+    #: shards (worker processes or executor tasks) the data was measured in; set by _measure_sharded
+    shards: int = 1
 
     def merge(self, other: _Measured) -> _Measured:
         return _Measured(
@@ -660,9 +666,14 @@ def _shard_worker(payload: tuple) -> _Measured:
 
 def _measure_sharded(
     float_model, quant_model, data, tensor_map, workers, engine, options, source_kwargs, n_pairs, n_outputs, progress,
-    max_memory=None, executor=None,
+    max_memory=None, executor=None, total_runs: int | None = None,
 ) -> _Measured:
-    """Shard the samples across ``workers`` processes (or ``executor``) and merge their accumulators."""
+    """Shard the samples across ``workers`` processes (or ``executor``) and merge their accumulators.
+
+    Local processes are capped by :func:`_local_workers` (cores, groups of runs). They ignore
+    SIGINT (the parent handles Ctrl-C and stops them) and exit when the parent dies
+    (:func:`_worker_init`).
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -672,6 +683,12 @@ def _measure_sharded(
         raise UsageError("--workers needs data as a file, a folder or a dict of arrays (an iterator cannot be shared)")
     if executor is not None and not callable(getattr(executor, "map", None)):
         raise UsageError(f"executor must be a concurrent.futures.Executor, not {type(executor).__name__}")
+    capped = ""
+    if executor is None:
+        requested = workers
+        workers, capped = _local_workers(workers, total_runs)
+        if capped:
+            log.info("--workers %d: running %d worker processes (%s)", requested, workers, capped)
     # local processes share this machine's cores; an executor's workers use their own machines'
     cpus = max(1, available_cpus() // workers) if executor is None else 0
     payloads = [
@@ -692,9 +709,20 @@ def _measure_sharded(
 
     if executor is None:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            collect(pool.map(_shard_worker, payloads))
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+        )
+        try:
+            with _sigint_ignored():  # the workers spawned here start with SIGINT ignored
+                parts = pool.map(_shard_worker, payloads)
+            collect(parts)
+        except BaseException:  # Ctrl-C or a failed shard: stop the others now rather than wait for them
+            _stop_workers(pool)
+            raise
+        pool.shutdown(wait=True)
         where = f"{workers} worker processes ({cpus} core(s) each)"
+        if capped:
+            where += f"; --workers {requested} capped: {capped}"
     else:
         try:
             collect(executor.map(_shard_worker, payloads))
@@ -705,7 +733,95 @@ def _measure_sharded(
         where = f"{workers} shard(s) on {type(executor).__name__}"
     assert merged is not None
     merged.notes.append(f"samples sharded across {where}")
+    merged.shards = workers
     return merged
+
+
+def _local_workers(requested: int, total_runs: int | None) -> tuple[int, str]:
+    """How many local worker processes to start for ``--workers requested``, and why fewer ('' if not).
+
+    At most one per available core (more only share the cores and each loads both models), and at
+    most the fewest groups of runs the data can make (a shard takes whole groups: with
+    ``total_runs`` known, :class:`Batcher` groups at most ``ceil(total / _MIN_GROUPS)`` runs, up to
+    ``_GROUP_MAX_RUNS``), so that no process starts without a group to run.
+    """
+    cores = available_cpus()
+    n, why = requested, []
+    if n > cores:
+        n = cores
+        why.append(f"{cores} core(s) available")
+    if total_runs:
+        per_group = max(1, min(_GROUP_MAX_RUNS, -(-total_runs // _MIN_GROUPS)))
+        groups = -(-total_runs // per_group)
+        if n > groups:
+            n = groups
+            why.append(f"the {total_runs} run(s) make as few as {groups} group(s)")
+    return max(1, n), ", ".join(why)
+
+
+class _sigint_ignored:
+    """Ignore SIGINT while worker processes are spawned (from the main thread; a no-op elsewhere).
+
+    Python installs its KeyboardInterrupt handler only where SIGINT is not ignored at start-up, so
+    a worker spawned meanwhile ignores Ctrl-C from its first instruction (no traceback from a
+    worker still importing); :func:`_worker_init` ignores it again for other start methods.
+    """
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def _worker_init(parent: int) -> None:
+    """Set up a local worker process: ignore SIGINT, and exit when the parent process dies.
+
+    On Linux the kernel kills the worker when its parent dies (``prctl(PR_SET_PDEATHSIG,
+    SIGKILL)``); everywhere a daemon thread also polls ``os.getppid()`` and exits when the parent
+    is gone (a killed parent cannot shut its pool down: its workers would run to the end).
+    """
+    import signal
+    import sys
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="qdiff-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    while True:
+        time.sleep(interval)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _stop_workers(pool: Any) -> None:
+    """Cancel what has not started and end a process pool's workers now (they hold no state worth keeping)."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=5)
 
 
 @dataclass

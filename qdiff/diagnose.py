@@ -422,12 +422,47 @@ class _QParams:
         s = np.asarray(self.scale).reshape(-1)
         z = np.asarray(self.zero_point).reshape(-1)
         tname = _TYPE_NAMES.get(self.elem_type, str(self.elem_type))
+        # 9 significant digits: every float32 prints as itself, so scales that differ (same_as
+        # compares at 1e-6) never print alike
         if s.size == 1:
-            return f"scale {float(s[0]):.6g}, zero point {int(z[0]) if z.size else 0} ({tname})"
-        return f"{s.size} per-channel scales [{float(s.min()):.6g} .. {float(s.max()):.6g}] ({tname})"
+            return f"scale {float(s[0]):.9g}, zero point {int(z[0]) if z.size else 0} ({tname})"
+        return f"{s.size} per-channel scales [{float(s.min()):.9g} .. {float(s.max()):.9g}] ({tname})"
+
+    def override(self) -> str:
+        """This scale/zero point as one ``TensorQuantOverrides`` entry onnxruntime's quantizer accepts.
+
+        ``quantize_static(extra_options={"TensorQuantOverrides": {name: [entry]}})`` takes scale and zero
+        point as numpy arrays (it calls ``.squeeze()`` on them), the zero point in the integer type.
+        """
+        s = np.asarray(self.scale).reshape(-1)
+        z = np.asarray(self.zero_point).reshape(-1)
+        sdt = "float16" if s.dtype == np.float16 else "float32"
+        zdt = _TYPE_NAMES.get(self.elem_type, "uint8")
+        zdt = {"int4": "int8", "uint4": "uint8"}.get(zdt, zdt)  # numpy has no 4-bit type
+        scale = f"{float(s[0]):.9g}" if s.size == 1 else "[" + ", ".join(f"{float(v):.9g}" for v in s) + "]"
+        zp = str(int(z[0]) if z.size else 0) if s.size == 1 else str([int(v) for v in z])
+        return f"{{'scale': np.array({scale}, dtype=np.{sdt}), 'zero_point': np.array({zp}, dtype=np.{zdt})}}"
 
 
-def _qparams(g: Graph, node: onnx.NodeProto, s_pos: int, z_pos: int, axis: int = 1) -> _QParams | None:
+def _bad_scale(scale: np.ndarray) -> str:
+    """What is wrong with a scale that is not a finite positive number ('' when every value is fine)."""
+    given = np.asarray(scale).reshape(-1)
+    s = given.astype(np.float64)
+    bad = ~(np.isfinite(s) & (s > 0))
+    if not bad.any():
+        return ""
+    first = int(np.argmax(bad))
+    if s.size == 1:
+        return f"scale {given[0]}"
+    return f"{int(bad.sum())} of {s.size} per-channel scales not finite positive numbers (channel {first}: {given[first]})"
+
+
+def _qparams(
+    g: Graph, node: onnx.NodeProto, s_pos: int, z_pos: int, axis: int = 1, *, corrupt_ok: bool = False
+) -> _QParams | None:
+    """The parameters at ``s_pos``/``z_pos`` of ``node``; None when not constant, or corrupt (a scale
+    of 0, negative, NaN or inf: :func:`check_qparams` reports those, the other checks skip them)
+    unless ``corrupt_ok``."""
     ins = list(node.input)
     if s_pos >= len(ins) or not ins[s_pos]:
         return None
@@ -443,12 +478,41 @@ def _qparams(g: Graph, node: onnx.NodeProto, s_pos: int, z_pos: int, axis: int =
     else:
         zp = np.zeros(np.asarray(scale).shape, np.int64)
         et = attr_value(node, "output_dtype", 0) or onnx.TensorProto.UINT8
+    if not corrupt_ok and _bad_scale(scale):
+        return None
     return _QParams(np.asarray(scale), np.asarray(zp), int(et), int(axis))
 
 
-def _q_node_params(g: Graph, node: onnx.NodeProto) -> _QParams | None:
-    """Parameters of a QuantizeLinear / DequantizeLinear node."""
-    return _qparams(g, node, 1, 2, attr_value(node, "axis", 1))
+def _q_node_params(g: Graph, node: onnx.NodeProto, *, corrupt_ok: bool = False) -> _QParams | None:
+    """Parameters of a QuantizeLinear / DequantizeLinear node (None when corrupt, unless ``corrupt_ok``)."""
+    return _qparams(g, node, 1, 2, attr_value(node, "axis", 1), corrupt_ok=corrupt_ok)
+
+
+def _all_qparams(g: Graph, idx: int) -> list[tuple[str, str, _QParams]]:
+    """(quantized tensor, scale tensor, parameters) of every scale a node declares, corrupt ones included."""
+    node = g.nodes[idx]
+    ins = list(node.input)
+    found: list[tuple[str, int, int]] = []  # (tensor, scale position, zero-point position)
+    if node.op_type == "QuantizeLinear" and ins:
+        found.append((ins[0], 1, 2))
+    elif node.op_type == "DequantizeLinear" and ins:
+        writer = _producer(g, ins[0])
+        found.append((writer.input[0] if writer is not None and writer.op_type == "QuantizeLinear" else ins[0], 1, 2))
+    elif node.op_type == "QLinearConcat":
+        found.append((node.output[0], 0, 1))
+        found += [(ins[2 + 3 * k], 3 + 3 * k, 4 + 3 * k) for k in range((len(ins) - 2) // 3)]
+    elif node.op_type in QOP_SPECS:
+        spec = QOP_SPECS[node.op_type]
+        found += [(ins[q] if q < len(ins) else "", s, z) for q, (s, z) in spec.in_params.items()]
+        if spec.out_params is not None and node.output:
+            found.append((node.output[0], *spec.out_params))
+    out = []
+    for tensor, s, z in found:
+        axis = attr_value(node, "axis", 1) if node.op_type in _QDQ else 1
+        p = _qparams(g, node, s, z, axis, corrupt_ok=True)
+        if p is not None:
+            out.append((tensor, ins[s], p))
+    return out
 
 
 def _producer(g: Graph, name: str) -> onnx.NodeProto | None:
@@ -537,6 +601,27 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
     g = ctx.qg
     findings: list[Finding] = []
     rows: list[dict[str, Any]] = []
+    corrupt: dict[tuple[str, str], list[str]] = {}  # (tensor, scale tensor) -> readers
+    for idx, node in enumerate(g.nodes):
+        for tensor, scale_name, p in _all_qparams(g, idx):
+            problem = _bad_scale(p.scale)
+            if problem:
+                readers = corrupt.setdefault((tensor, scale_name), [])
+                if not readers:
+                    where = ctx.layers.tensor(tensor)
+                    findings.append(
+                        Finding(
+                            "qparams",
+                            "error",
+                            where,
+                            f"'{tensor}' is quantized with {problem} (scale tensor '{scale_name}', read by "
+                            f"{node.op_type} '{g.node_label(idx)}'): a scale must be a finite number above 0; "
+                            "the other checks skip this tensor",
+                            "Re-quantize: a calibration that saw a constant or empty tensor gives scale 0, non-finite "
+                            "calibration data gives NaN/inf; or exclude this node from quantization.",
+                        )
+                    )
+                readers.append(g.node_label(idx))
     for idx, node in enumerate(g.nodes):
         layer = ctx.layers.node(idx) if node.op_type not in _QDQ else ""
         if node.op_type in PASS_THROUGH_OPS:
@@ -561,7 +646,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
             for i, ip, o, op in [(i, ip, o, op) for i, ip in ins for o, op in outs]:
                 rows.append(_qparam_row(layer, g.node_label(idx), node.op_type, i, ip, o, op))
             if bad:
-                findings.append(_pass_through_finding(layer, g.node_label(idx), node.op_type, bad))
+                findings.append(_pass_through_finding(g, layer, g.node_label(idx), node.op_type, bad))
         elif node.op_type == "QLinearConcat":
             n_in = (len(node.input) - 2) // 3
             out_p = _qparams(g, node, 0, 1)
@@ -574,7 +659,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
                 if not ip.same_as(out_p):
                     bad.append((node.input[2 + 3 * k], ip, node.output[0], out_p))
             if bad:
-                findings.append(_pass_through_finding(layer, g.node_label(idx), "Concat", bad))
+                findings.append(_pass_through_finding(g, layer, g.node_label(idx), "Concat", bad))
         # a reader's parameters against the writer's
         reads = _declared_reads(g, node)
         for name, declared in reads:
@@ -600,6 +685,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
     ctx.stats["qparams"] = {
         "pass_through_pairs_checked": len(rows),
         "mismatched": int(sum(1 for r in rows if not r["agree"])),
+        "corrupt_scales": len(corrupt),
     }
     return findings
 
@@ -619,22 +705,34 @@ def _qparam_row(layer: str, node: str, op: str, i: str, ip: _QParams, o: str, op
     }  # fmt: skip
 
 
-def _pass_through_finding(layer: str, node: str, op: str, bad: list[tuple[str, _QParams, str, _QParams]]) -> Finding:
+def _float_name(g: Graph, name: str) -> str:
+    """The float tensor an integer or dequantized tensor stands for (the name quantizer overrides take)."""
+    p = _producer(g, name)
+    if p is not None and p.op_type == "DequantizeLinear" and p.input:
+        q = _producer(g, p.input[0])
+        if q is not None and q.op_type == "QuantizeLinear" and q.input:
+            return q.input[0]
+    return _base_name(name)
+
+
+def _pass_through_finding(
+    g: Graph, layer: str, node: str, op: str, bad: list[tuple[str, _QParams, str, _QParams]]
+) -> Finding:
     i, ip, o, op_ = bad[0]
     more = f" ({len(bad) - 1} more input/output pair(s) differ)" if len(bad) > 1 else ""
     if op == "Concat":
+        names = list(dict.fromkeys(_float_name(g, b[0]) for b in bad))
+        overrides = ", ".join(f"'{n}': [{op_.override()}]" for n in names)
         suggestion = (
-            "Give every Concat input and its output one scale and zero point (calibrate them to a common range, "
-            f"e.g. onnxruntime TensorQuantOverrides with {op_.text().split(' (')[0]} on each input), so int8 "
-            "kernels concatenate without requantizing."
+            "Give every Concat input and its output one scale and zero point, so int8 kernels concatenate without "
+            "requantizing: re-quantize with quantize_static(..., extra_options={'TensorQuantOverrides': "
+            f"{{{overrides}}}}}) (numpy as np)."
         )
     else:
-        scale = float(np.asarray(ip.scale).reshape(-1)[0])
-        zp = int(np.asarray(ip.zero_point).reshape(-1)[0])
         suggestion = (
-            f"Quantize '{o}' with the input's parameters (onnxruntime: TensorQuantOverrides "
-            f"{{'{o}': [{{'scale': {scale:.6g}, 'zero_point': {zp}}}]}}), or remove the extra Q/DQ pair so the "
-            f"{op} runs on the int8 values it is given."
+            f"Quantize '{_float_name(g, o)}' with the input's parameters: re-quantize with quantize_static(..., "
+            f"extra_options={{'TensorQuantOverrides': {{'{_float_name(g, o)}': [{ip.override()}]}}}}) (numpy as np), "
+            f"or remove the extra Q/DQ pair so the {op} runs on the int8 values it is given."
         )
     return Finding(
         "qparams",
@@ -1527,7 +1625,14 @@ class _F16Acc:
     max_abs: float = 0.0
 
     def update(self, f: np.ndarray | None, q: np.ndarray) -> None:
+        """Add one sample: ``f`` the float32 model's tensor (None without FLOAT), ``q`` the FP16 model's.
+
+        A ``q`` in float32 comes from a node the FP16 model computes in float32 (kept out of the
+        conversion, e.g. by ``node_block_list``: Casts around it): it cannot overflow float16, so its
+        float32 values beyond ±65504 are not counted as overflow.
+        """
         q = np.asarray(q)
+        reduced = q.dtype == np.float16 or q.dtype.name == "bfloat16"
         self.n += int(q.size)
         self.inf += int(np.isinf(q).sum())
         self.nan += int(np.isnan(q).sum())
@@ -1544,7 +1649,8 @@ class _F16Acc:
         af = np.abs(f)
         if ff.any():
             self.max_abs = max(self.max_abs, float(af[ff].max()))
-        self.overflow += int((ff & (af > FP16_MAX)).sum())
+        if reduced:
+            self.overflow += int((ff & (af > FP16_MAX)).sum())
         self.new_nonfinite += int((ff & ~qf).sum())
         tiny = ff & (af > 0) & (af < FP16_MIN_NORMAL)
         self.tiny += int(tiny.sum())

@@ -234,6 +234,12 @@ def with_ir_version(model: onnx.ModelProto, ir_version: int) -> onnx.ModelProto:
     return out
 
 
+
+def node_label(node: onnx.NodeProto, idx: int) -> str:
+    """The one name qdiff gives a node everywhere (layers, configs, exports, node data): its name, or
+    ``op_type(first output)`` when it has none (``quantize.prepare_model`` names unnamed nodes so)."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else idx})"
+
 class Graph:
     """Read-only view of the main graph of a model.
 
@@ -272,9 +278,8 @@ class Graph:
 
     # -- structure ------------------------------------------------------------------------
     def node_label(self, idx: int) -> str:
-        """The node's name, or ``op_type(first output)`` for unnamed nodes."""
-        node = self.nodes[idx]
-        return node.name or f"{node.op_type}({node.output[0] if node.output else idx})"
+        """The node's name, or ``op_type(first output)`` for unnamed nodes (:func:`node_label`)."""
+        return node_label(self.nodes[idx], idx)
 
     def is_constant(self, name: str) -> bool:
         """True for initializers, Constant outputs and tensors computed from constants only."""

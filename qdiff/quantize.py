@@ -44,7 +44,7 @@ import onnx
 
 from qdiff.config import QuantConfig, LayerConfig
 from qdiff.errors import QdiffError, UsageError
-from qdiff.graph import Graph, ModelLike, default_opset, initializer_bytes, load_model, save_with_data, with_opset
+from qdiff.graph import Graph, ModelLike, default_opset, initializer_bytes, load_model, node_label, save_with_data, with_opset
 from qdiff.inputs import DataLike, input_specs, make_source
 from qdiff.passes import PassResult
 
@@ -91,8 +91,8 @@ def prepare_model(model: onnx.ModelProto) -> PassResult:
     ``axis`` attribute the model's opset does not have, and the model would not load); where the
     converter fails the opset is kept and :func:`quantize` falls back to per-tensor weights.
     Constant nodes feeding weights become initializers, unnamed nodes are named
-    ``<op_type>_<index>``, the IR version is capped to one the quantizer handles, shapes are
-    inferred. ``modified`` counts the edits.
+    ``op_type(first output)`` (:func:`qdiff.graph.node_label`, as every other command names
+    them), the IR version is capped to one the quantizer handles, shapes are inferred. ``modified`` counts the edits.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -117,7 +117,7 @@ def prepare_model(model: onnx.ModelProto) -> PassResult:
     used = {n.name for n in g.node if n.name}
     for k, node in enumerate(g.node):
         if not node.name:
-            name = f"{node.op_type}_{k}"
+            name = node_label(node, k)  # the name compare/diagnose/configs give the unnamed node
             while name in used:
                 name += "_"
             node.name = name
@@ -589,12 +589,17 @@ def calib_sweep(
     return out, table.reset_index(), notes
 
 
-def export_skip_list(config: QuantConfig, to: str) -> str:
+def export_skip_list(config: QuantConfig, to: str, model: ModelLike | None = None) -> str:
     """The layers with ``quant_enable: false`` in another tool's format.
 
-    ``ort``: the JSON list for ``quantize_static(nodes_to_exclude=...)``; ``mnn``: MNN's
-    quantization JSON ``{"skip_quant_op_names": [...]}``; ``nncf``: ``nncf.IgnoredScope(names=[...])``;
-    ``tflite``: the TFLite quantization debugger's ``denylisted_nodes``.
+    ``ort``: the JSON list for ``quantize_static(nodes_to_exclude=...)`` (ONNX node names).
+    ``mnn``: MNN's quantization JSON ``{"skip_quant_op_names": [...]}``; MNN's converter names each
+    op after the ONNX node's first output tensor (a Gemm, converted to a 1x1 convolution, after
+    ``<output>__matmul_converted``), so ``model`` (the float ONNX model) is needed to map the names.
+    ``nncf``: ``nncf.IgnoredScope(names=[...])`` for NNCF's ONNX backend (``nncf.quantize`` on the
+    ``onnx.ModelProto``), whose names are the ONNX node names; the OpenVINO backend (a model
+    converted with ``openvino.convert_model``) names operations differently. ``tflite``: refused:
+    TFLite's ``denylisted_nodes`` takes TensorFlow tensor names, which no ONNX name maps to.
     """
     import json
 
@@ -602,12 +607,39 @@ def export_skip_list(config: QuantConfig, to: str) -> str:
     if to == "ort":
         return json.dumps(names, indent=2) + "\n"
     if to == "mnn":
-        return json.dumps({"skip_quant_op_names": names}, indent=2) + "\n"
+        return json.dumps({"skip_quant_op_names": _mnn_names(names, model)}, indent=2) + "\n"
     if to == "nncf":
-        return f"import nncf\n\nignored_scope = nncf.IgnoredScope(names={json.dumps(names)})\n"
-    if to == "tflite":
         return (
-            "import tensorflow as tf\n\ndebug_options = tf.lite.experimental.QuantizationDebugOptions(\n"
-            f"    denylisted_nodes={json.dumps(names)}\n)\n"
+            "# names for NNCF's ONNX backend: nncf.quantize(onnx_model, ..., ignored_scope=ignored_scope) on the\n"
+            "# ONNX model; NNCF's OpenVINO backend (openvino.convert_model) names operations differently\n"
+            f"import nncf\n\nignored_scope = nncf.IgnoredScope(names={json.dumps(names)})\n"
+        )
+    if to == "tflite":
+        raise UsageError(
+            "--to tflite: TFLite's denylisted_nodes takes TensorFlow tensor names, which no ONNX node name maps to "
+            "(they depend on the ONNX->TF converter); export --to ort/mnn/nncf, or list the TF names by hand"
         )
     raise UsageError(f"--to must be one of ort, mnn, nncf, tflite, not '{to}'")
+
+
+def _mnn_names(names: list[str], model: ModelLike | None) -> list[str]:
+    """MNN op names of the config's ONNX node names: the node's first output tensor."""
+    if model is None:
+        raise UsageError(
+            "--to mnn needs the float model (--model FLOAT.onnx): MNN names each op after its first output tensor, "
+            "not the ONNX node name"
+        )
+    g = Graph(load_model(model, role="float model").proto)
+    by_label = {g.node_label(i): node for i, node in enumerate(g.nodes)}
+    out = []
+    missing = [n for n in names if n not in by_label]
+    if missing:
+        raise UsageError(
+            f"--to mnn: {len(missing)} layer(s) of the config are not nodes of the model: {missing[:5]}; pass the "
+            "float model the config was made for"
+        )
+    for n in names:
+        node = by_label[n]
+        first = node.output[0] if node.output else n
+        out.append(f"{first}__matmul_converted" if node.op_type == "Gemm" else first)
+    return out

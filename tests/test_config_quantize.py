@@ -211,16 +211,87 @@ def test_calib_sweep_reports_identical_ranges_and_writes_a_config(tmp_path, caps
     load_config(out)
 
 
+def _first_outputs(model_path: Path, names: list[str]) -> dict[str, tuple[str, str]]:
+    nodes = {n.name: n for n in onnx.load(str(model_path)).graph.node}
+    return {name: (nodes[name].op_type, nodes[name].output[0]) for name in names}
+
+
 def test_export_skip_lists(tmp_path, capsys):
     cfg = init_config(FLOAT).with_disabled({"conv1", "fc2"})
     assert json.loads(export_skip_list(cfg, "ort")) == ["conv1", "fc2"]
-    assert json.loads(export_skip_list(cfg, "mnn")) == {"skip_quant_op_names": ["conv1", "fc2"]}
-    assert 'nncf.IgnoredScope(names=["conv1", "fc2"])' in export_skip_list(cfg, "nncf")
-    assert 'denylisted_nodes=["conv1", "fc2"]' in export_skip_list(cfg, "tflite")
+    # MNN names ops after the node's first output tensor (a Gemm: <output>__matmul_converted)
+    (c_op, c_out), (g_op, g_out) = _first_outputs(FLOAT, ["conv1", "fc2"]).values()
+    assert (c_op, g_op) == ("Conv", "Gemm") and c_out != "conv1"
+    assert json.loads(export_skip_list(cfg, "mnn", FLOAT)) == {"skip_quant_op_names": [c_out, f"{g_out}__matmul_converted"]}
+    with pytest.raises(UsageError, match="--model"):
+        export_skip_list(cfg, "mnn")
+    nncf_text = export_skip_list(cfg, "nncf")
+    assert 'nncf.IgnoredScope(names=["conv1", "fc2"])' in nncf_text and "ONNX backend" in nncf_text
+    with pytest.raises(UsageError, match="TensorFlow tensor names"):
+        export_skip_list(cfg, "tflite")
     path = tmp_path / "c.json"
     save_config(cfg, path)
     assert main(["export", str(path), "--to", "ort"]) == 0
     assert json.loads(capsys.readouterr().out) == ["conv1", "fc2"]
+    assert main(["export", str(path), "--to", "mnn", "--model", str(FLOAT)]) == 0
+    assert json.loads(capsys.readouterr().out)["skip_quant_op_names"][0] == c_out
+    assert main(["export", str(path), "--to", "tflite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdiff: error: --to tflite") and len(err.strip().splitlines()) == 1
+
+
+def test_mnn_export_names_are_the_op_names_of_mnns_converter(tmp_path):
+    """Converted by MNN's own converter, the model's ops carry the exported names."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("mnnconvert")
+    if tool is None:
+        pytest.skip("MNN is an optional test dependency (pip install MNN puts mnnconvert on PATH)")
+    conv_net(tmp_path / "f.onnx")
+    cfg = init_config(tmp_path / "f.onnx").with_disabled({"conv1", "fc"})
+    exported = json.loads(export_skip_list(cfg, "mnn", tmp_path / "f.onnx"))["skip_quant_op_names"]
+    mnn, dump = tmp_path / "f.mnn", tmp_path / "f.json"
+    subprocess.run([tool, "-f", "ONNX", "--modelFile", str(tmp_path / "f.onnx"), "--MNNModel", str(mnn)], check=True, capture_output=True)
+    subprocess.run([tool, "-f", "MNN", "--modelFile", str(mnn), "--JsonFile", str(dump)], check=True, capture_output=True)
+    ops = {op["name"]: op["type"] for op in json.loads(dump.read_text())["oplists"]}
+    assert [ops.get(n) for n in exported] == ["Convolution", "Convolution"], (exported, ops)
+
+
+def test_nncf_export_names_are_accepted_by_nncf_on_the_onnx_model(tmp_path):
+    nncf = pytest.importorskip("nncf", reason="NNCF is an optional test dependency (pip install nncf)")
+    model = conv_net(tmp_path / "f.onnx")
+    cfg = init_config(tmp_path / "f.onnx").with_disabled({"conv1"})
+    scope: dict = {}
+    exec(export_skip_list(cfg, "nncf"), scope)  # noqa: S102 - the exported snippet, run as a user would
+    quantized = nncf.quantize(model, nncf.Dataset(conv_feeds(16)), subset_size=16, ignored_scope=scope["ignored_scope"])
+    ops = {n.name: n.op_type for n in quantized.graph.node}
+    assert ops["conv1"] == "Conv" and not any(
+        n.op_type == "DequantizeLinear" and n.output[0] in next(m for m in quantized.graph.node if m.name == "conv1").input
+        for n in quantized.graph.node
+    )  # conv1 reads no dequantized tensor: it stayed float
+
+
+def test_unnamed_nodes_get_one_name_in_configs_the_quantizer_and_layers(tmp_path):
+    from qdiff.graph import Graph
+    from qdiff.quantize import prepare_model
+
+    m = conv_net(tmp_path / "f.onnx")
+    for node in m.graph.node:
+        node.name = ""
+    onnx.save(m, str(tmp_path / "unnamed.onnx"))
+    labels = [Graph(m).node_label(i) for i in range(len(m.graph.node))]
+    assert labels[0] == "Conv(c1)"
+    assert [n.name for n in prepare_model(m).model.graph.node] == labels  # what nodes_to_exclude matches
+    cfg = init_config(tmp_path / "unnamed.onnx")
+    assert set(cfg.layers) <= set(labels) and "Conv(c1)" in cfg.layers
+    off = cfg.with_disabled({"Conv(c1)"})
+    report = quantize(tmp_path / "unnamed.onnx", off, conv_feeds(8), tmp_path / "q.onnx")
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    conv = next(n for n in q.graph.node if n.name == "Conv(c1)")
+    assert conv.op_type == "Conv" and not any(
+        p.op_type == "DequantizeLinear" and p.output[0] in conv.input for p in q.graph.node
+    ), report  # excluded by the name every command uses
 
 
 # -- the loop ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ overflow counts, weight bytes) are recomputed here with numpy from the same data
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,26 @@ def test_qparams_error_when_dq_reads_with_other_parameters_than_q_wrote(conv, tm
     assert len(errors) == 1 and "read back wrong" in errors[0].message and errors[0].layer == "pool1"
 
 
+@pytest.mark.parametrize("factor", [0.0, float("nan"), float("inf"), -1.0], ids=["zero", "nan", "inf", "negative"])
+def test_qparams_reports_a_corrupt_scale_and_the_other_checks_skip_it(conv, tmp_path, capfd, factor):
+    """A scale of 0, NaN, inf or below 0 is an error naming the tensor and the value; nothing crashes."""
+    edited = tmp_path / "corrupt.onnx"
+    bad = _set_qdq_scale(conv["qdq"], edited, ("p1",), factor)
+    result = diagnose(edited, conv["float"])
+    assert all(v["status"] in ("ran", "not applicable") for v in result.meta["checks"].values()), result.meta["checks"]
+    errors = [f for f in result.findings if f.check == "qparams" and f.severity == "error"]
+    assert len(errors) == 1, [f.message for f in errors]
+    assert "'p1'" in errors[0].message and f"scale {np.float32(bad)}" in errors[0].message
+    assert "p1_edited_scale" in errors[0].message
+    # the saturation check measured the other tensors and skipped this one
+    measured = set(result.tables["saturation"]["tensor"])
+    assert "p1" not in measured and {"r1", "f"} <= measured
+    # the pass-through check neither crashed nor called the corrupt scale a mismatch
+    assert not [f for f in result.findings if f.check == "qparams" and f.severity == "warning"]
+    rc, _, err = run_cli(["diagnose", str(edited), str(conv["float"])], capfd)
+    assert "Traceback" not in err and rc != 2
+
+
 def test_qparams_flags_concat_the_quantizer_left_with_mixed_scales(tmp_path):
     """onnxruntime's QDQ quantizer gives a Concat's inputs their own scales: a real trigger."""
     rng = np.random.default_rng(0)
@@ -128,6 +149,37 @@ def test_qparams_flags_concat_the_quantizer_left_with_mixed_scales(tmp_path):
     problems = _problems(diagnose(tmp_path / "cat.qdq.onnx", tmp_path / "cat.onnx", checks=["qparams"]), "qparams")
     assert [f.layer for f in problems] == ["concat"]
     assert "Concat" in problems[0].message and "one scale and zero point" in problems[0].suggestion
+    # the suggestion pastes into quantize_static as it is, and re-quantizing with it fixes the finding
+    extra = _pasted_extra_options(problems[0].suggestion)
+    assert set(extra["TensorQuantOverrides"]) == {"r"}  # the input whose scale differs
+    quantize(tmp_path / "cat.onnx", tmp_path / "fixed.onnx", feeds, extra_options=extra, **QDQ_INT8)
+    assert _problems(diagnose(tmp_path / "fixed.onnx", tmp_path / "cat.onnx", checks=["qparams"]), "qparams") == []
+
+
+def _pasted_extra_options(suggestion: str) -> dict:
+    """The ``extra_options={...}`` a suggestion spells out, evaluated as a user pasting it would."""
+    start = suggestion.index("extra_options=") + len("extra_options=")
+    depth = 0
+    for end in range(start, len(suggestion)):
+        depth += {"{": 1, "}": -1}.get(suggestion[end], 0)
+        if depth == 0:
+            break
+    return eval(suggestion[start : end + 1], {"np": np})  # noqa: S307 - the test pastes what a user would
+
+
+def test_qparams_mismatch_prints_scales_that_differ_differently(conv, tmp_path):
+    """same_as compares at 1e-6: a scale 3e-6 off is a mismatch and must not print like the other one."""
+    edited = tmp_path / "edited.onnx"
+    _set_qdq_scale(conv["qdq"], edited, ("p1", "f"), 1 + 3e-6)
+    problems = _problems(diagnose(edited, conv["float"], checks=["qparams"]), "qparams")
+    assert [f.layer for f in problems] == ["pool1"]
+    scales = re.findall(r"has scale ([0-9.e+-]+),", problems[0].message)
+    assert len(scales) == 2 and scales[0] != scales[1], problems[0].message
+    # the pasteable override carries the input's scale exactly (float32) and an int8 zero point
+    extra = _pasted_extra_options(problems[0].suggestion)
+    (entry,) = extra["TensorQuantOverrides"]["p1"]
+    assert entry["scale"] == np.float32(scales[0]) and entry["scale"].dtype == np.float32
+    assert entry["zero_point"].dtype == np.int8
 
 
 # -- coverage ------------------------------------------------------------------------------------
@@ -282,6 +334,24 @@ def test_fp16_flags_overflow_and_suggests_the_block_list():
     assert [f.layer for f in errors] == ["mm"] and f"{expected} float32 value(s)" in errors[0].message
     assert result.meta["stats"]["fp16"]["node_block_list"] == ["mm", "sm"]
     assert any("node_block_list=['mm', 'sm']" in f.suggestion for f in result.findings)
+
+
+def test_fp16_overflow_is_gone_once_the_suggested_nodes_are_blocked():
+    """Nodes kept in float32 by node_block_list (Casts around them) cannot overflow float16."""
+    float16 = pytest.importorskip("onnxconverter_common.float16", reason="onnxconverter-common not installed")
+    w = np.clip(np.random.default_rng(1).normal(0, 1.5e4, (32, 32)), -6e4, 6e4).astype(np.float32)
+    f32, f16 = _fp16_pair(w)
+    block = diagnose(f16, f32, {"x": FP16_X}, checks=["fp16"]).meta["stats"]["fp16"]["node_block_list"]
+    assert block == ["mm", "sm"]
+    fixed = float16.convert_float_to_float16(f32, keep_io_types=True, node_block_list=block)
+    fixed.ir_version = 10
+    result = diagnose(fixed, f32, {"x": FP16_X}, checks=["fp16"])
+    assert _problems(result, "fp16") == []
+    assert result.tables["fp16"].set_index("layer").loc["mm", "overflow_fp32"] == 0
+    # blocking the MatMul alone casts its values to float16 for the Softmax: that still overflows
+    half = float16.convert_float_to_float16(f32, keep_io_types=True, node_block_list=["mm"])
+    half.ir_version = 10
+    assert [(f.severity, f.layer) for f in _problems(diagnose(half, f32, {"x": FP16_X}, checks=["fp16"]), "fp16")] == [("error", "mm")]
 
 
 def test_fp16_flags_an_error_jump_and_the_block_list_fixes_it():

@@ -186,6 +186,40 @@ def test_numpy_fallback_runs_everything_without_the_extension(monkeypatch):
     assert r.layers["cosine"].between(0.99, 1.0).all()
 
 
+def _broken_kernel_module(tmp_path: Path, kind: str) -> str:
+    """A module name the kernel loader can be pointed at, broken in one way."""
+    import importlib.machinery
+    import shutil
+
+    if kind == "import":
+        return "qdiff_no_such_package.ckernels"  # find_spec raises ModuleNotFoundError
+    pkg = tmp_path / f"broken_{kind}"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    so = pkg / f"ckernels{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    if kind == "not a library":
+        so.write_text("not an ELF file\n")  # CDLL raises OSError
+    else:  # a real shared library without the kernels' symbols: a stale build (AttributeError)
+        shutil.copy(importlib.import_module("numpy.linalg._umath_linalg").__file__, so)
+    return f"{pkg.name}.ckernels"
+
+
+@pytest.mark.parametrize(
+    "kind, error", [("stale", "AttributeError"), ("not a library", "OSError"), ("import", "ModuleNotFoundError")]
+)
+def test_any_failure_to_load_the_extension_falls_back_to_numpy_and_says_why(tmp_path, monkeypatch, kind, error):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(_kernels, "_MODULE", _broken_kernel_module(tmp_path, kind))
+    monkeypatch.setattr(_kernels, "_lib", None)
+    monkeypatch.setattr(_kernels, "_reason", None)
+    assert not _kernels.available()
+    assert error in _kernels.unavailable_reason()
+    args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_tensor.onnx")
+    r = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=8)
+    assert r.meta["metrics_kernel"] == "numpy" and error in r.meta["metrics_kernel_reason"]
+    assert r.layers["cosine"].between(0.99, 1.0).all()
+
+
 def _mixing_model(tmp_path: Path):
     """y = relu(x @ W) - mean over the batch axis: a batch of runs is not a set of separate runs."""
     rng = np.random.default_rng(0)

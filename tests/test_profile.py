@@ -6,10 +6,12 @@ on which model or layer is faster.
 
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, strict_json_load
 
@@ -104,9 +106,9 @@ def test_profile_digits_pair(samples_dir, tmp_path, monkeypatch):
     assert layers["quant_us"].sum() == pytest.approx(s["quant_kernel_us"], abs=0.01)
     assert layers["float_us"].sum() == pytest.approx(s["float_kernel_us"], abs=0.01)
     assert layers["conversion_us"].sum() == pytest.approx(s["conversion_us"], abs=0.01)
-    # kernel time is part of a run's wall time (medians: some slack)
-    assert 0 < s["quant_kernel_us"] <= 1.5 * s["quant_total_us"]
-    assert 0 < s["float_kernel_us"] <= 1.5 * s["float_total_us"]
+    # kernel time is part of a profiled run's wall time (medians: some slack)
+    assert 0 < s["quant_kernel_us"] <= 1.5 * s["quant_profiled_total_us"]
+    assert 0 < s["float_kernel_us"] <= 1.5 * s["float_profiled_total_us"]
     assert s["runs"] == 5 and result.meta["warmup"] == 1
     assert s["conversion_us"] > 0  # the input QuantizeLinear and the output DequantizeLinear run
     assert layers.set_index("layer").loc["input:input", "conversion_us"] > 0
@@ -117,6 +119,34 @@ def test_profile_digits_pair(samples_dir, tmp_path, monkeypatch):
     doc = strict_json_load(out)
     assert {"layers", "summary", "findings", "nodes", "meta"} <= set(doc)
     out.unlink()
+
+
+def test_profile_totals_and_verdict_come_from_unprofiled_sessions(samples_dir, monkeypatch):
+    """Profiling adds overhead per node: the totals are timed on sessions with profiling off.
+
+    qdiff's own timer is wrapped to record which sessions it timed and what it measured; the
+    summary's totals must be the medians of exactly those runs.
+    """
+    profile_module = importlib.import_module("qdiff.profile")  # qdiff.profile is also the function
+
+    timed: list[tuple[bool, float]] = []
+    real = profile_module._timed_run
+
+    def recording(sess, feed):
+        us = real(sess, feed)
+        timed.append((bool(sess.get_session_options().enable_profiling), us))
+        return us
+
+    monkeypatch.setattr(profile_module, "_timed_run", recording)
+    result = profile(samples_dir / "digits_cnn.float.onnx", samples_dir / "digits_cnn.qoperator.onnx", samples=5, warmup=1, threads=1)
+    s = result.summary
+    assert len(timed) == 10 and not any(p for p, _ in timed)  # 5 runs of each model, none profiled
+    f_us, q_us = [us for _, us in timed[0::2]], [us for _, us in timed[1::2]]  # alternating float, quantized
+    assert s["float_total_us"] == pytest.approx(float(np.median(f_us)), abs=1e-3)
+    assert s["quant_total_us"] == pytest.approx(float(np.median(q_us)), abs=1e-3)
+    assert s["speedup"] == pytest.approx(s["float_total_us"] / s["quant_total_us"], rel=1e-3)
+    assert s["timing"] == "unprofiled" and "unprofiled" in result.meta["timing"]
+    assert s["float_profiled_total_us"] > 0 and s["quant_profiled_total_us"] > 0  # the profiled runs, kept apart
 
 
 def test_profile_reports_weights_dequantized_every_run(samples_dir):
