@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -350,7 +351,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.config_command != "init":
         print("qdiff: error: use 'qdiff config init FLOAT -o config.json'", file=sys.stderr)
         return 2
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     config = init_config(args.float_model, quant_format=args.format)
     config.weight_quant_params["per_channel"] = not args.per_tensor
     save_config(config, args.output)
@@ -362,7 +363,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from qdiff.config import load_config
     from qdiff.quantize import init_config, quantize
 
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     config = load_config(args.config) if args.config else init_config(args.float_model)
     report = quantize(args.float_model, config, args.calib, args.output)
     print(
@@ -383,10 +384,7 @@ def _fallback(args: argparse.Namespace) -> int:
     from qdiff.render import fallback_renderable
 
     out = Path(args.outdir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {args.outdir} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {args.outdir}: folder '{out.parent}' does not exist")
+    _check_outdir(args)
     from qdiff.cli_report import check_report_options, write_reports
 
     check_report_options(args, "fallback")
@@ -421,7 +419,7 @@ def _calib_sweep(args: argparse.Namespace) -> int:
     from qdiff.config import load_config, save_config
     from qdiff.quantize import calib_sweep
 
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     config, table, notes = calib_sweep(
         args.float_model,
         args.calib,
@@ -448,9 +446,9 @@ def _export(args: argparse.Namespace) -> int:
     from qdiff.config import load_config
     from qdiff.quantize import export_skip_list
 
+    _check_writable(args.output, "-o", args)
     text = export_skip_list(load_config(args.config), args.to)
     if args.output:
-        _check_writable(args.output, "-o")
         write_atomic(args.output, text)
     else:
         sys.stdout.write(text)
@@ -465,7 +463,7 @@ def _match(args: argparse.Namespace) -> int:
 
     if args.output and not args.output.lower().endswith((".json", ".csv")):
         raise UsageError(f"-o {args.output}: give a .json or .csv file name")
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     alignment = qdiff.match(args.float_model, args.quant_model, tensor_map=args.map)
     Console(width=None if sys.stdout.isatty() else 160).print(alignment_renderable(alignment))
     if args.output:
@@ -482,8 +480,27 @@ def _check_outputs(args: argparse.Namespace, kind: str) -> None:
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     for opt in ("csv", "json"):
-        _check_writable(getattr(args, opt), f"--{opt}")
+        _check_writable(getattr(args, opt), f"--{opt}", args)
     check_report_options(args, kind)
+
+
+def _check_outdir(args: argparse.Namespace) -> None:
+    """fallback's -o OUTDIR: a folder (or a new name in one) that can be written, whose
+    config.json, model.int8.onnx and history.csv are regular files or absent and no input file."""
+    from pathlib import Path
+
+    from qdiff._io import check_folder, check_output
+
+    out = Path(args.outdir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {args.outdir} exists and is not a folder; give a folder name")
+    if not out.exists():
+        check_folder(out.parent if str(out.parent) else Path("."), f"-o {args.outdir}:")  # OUTDIR can be made there
+        return
+    check_folder(out, f"-o {args.outdir}:")
+    inputs = [p for p in _input_paths(args) if p != getattr(args, "config", None)]  # --config may live there
+    for name in ("config.json", "model.int8.onnx", "history.csv"):
+        check_output(out / name, f"-o {args.outdir}:", inputs=inputs)
 
 
 def console() -> Any:
@@ -493,23 +510,52 @@ def console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def check_writable(path: str | None, option: str) -> None:
+def check_writable(path: str | None, option: str, args: argparse.Namespace | None = None) -> None:
     """Public name of :func:`_check_writable` for command modules."""
-    _check_writable(path, option)
+    _check_writable(path, option, args)
 
 
-def _check_writable(path: str | None, option: str) -> None:
-    """Fail before the run, not after it, when an output file cannot be written."""
+#: the options (argparse ``dest``) naming files or folders a command reads
+_INPUT_OPTIONS = ("models", "float_model", "quant_model", "quant_only", "data", "map", "config", "calib", "eval_data")
+
+
+def _input_paths(args: argparse.Namespace | None) -> list[str]:
+    """The files a command reads, as given on its command line (outputs must not be one of them)."""
+    if args is None:
+        return []
+    paths: list[str] = []
+    for dest in _INPUT_OPTIONS:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v:
+                paths.append(v)
+    return paths
+
+
+def _check_writable(path: str | None, option: str, args: argparse.Namespace | None = None) -> None:
+    """Fail before the run, not after it, when an output file cannot be written.
+
+    The path must be a regular file or a new name (a link is followed), none of the command's
+    input files, in an existing folder in which a file can really be created; and no other output
+    option of the command may name the same file.
+    """
     if not path:
         return
-    from pathlib import Path
+    from qdiff._io import check_output
 
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
+    if os.path.isdir(path):
         raise UsageError(f"{option} {path} is a directory; give a file name")
-    if not parent.is_dir():
-        raise UsageError(f"{option} {path}: folder '{parent}' does not exist; create it first")
+    check_output(path, option, inputs=_input_paths(args))
+    if args is not None:
+        mine = os.path.realpath(path)
+        for other, dest in _OUTPUT_OPTIONS:
+            value = getattr(args, dest, None)
+            if other != option and isinstance(value, str) and value and os.path.realpath(value) == mine:
+                raise UsageError(f"{option} and {other} both name {path}; give each output its own file")
+
+
+#: every option naming an output file (option, argparse ``dest``)
+_OUTPUT_OPTIONS = (("--json", "json"), ("--csv", "csv"), ("--html", "html"), ("--node-data", "node_data"), ("-o", "output"))
 
 
 @contextlib.contextmanager

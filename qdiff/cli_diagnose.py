@@ -75,7 +75,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     from qdiff.cli import check_writable, console
     from qdiff.diagnose import SEVERITIES, diagnose
 
-    check_writable(args.json, "--json")
+    check_writable(args.json, "--json", args)
     result = diagnose(
         args.quant_model,
         args.float_model,
@@ -100,8 +100,8 @@ def _profile(args: argparse.Namespace) -> int:
     from qdiff.cli import check_writable, console
     from qdiff.profile import profile
 
-    check_writable(args.json, "--json")
-    check_writable(args.csv, "--csv")
+    check_writable(args.json, "--json", args)
+    check_writable(args.csv, "--csv", args)
     result = profile(
         args.float_model,
         args.quant_model,
