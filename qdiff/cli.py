@@ -43,14 +43,30 @@ def _dask_client(address: str):
 
 def _bytes(text: str) -> int:
     """'512M' / '2G' / '1000' -> bytes (argparse type)."""
+    import math
+
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().rstrip("b")
     try:
         if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
+            number = float(t[:-1])
+            if not math.isfinite(number):
+                raise ValueError(text)
+            return int(number * units[t[-1]])
         return int(t)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a size like 512M or 2G") from None
+
+
+def _seed(text: str) -> int:
+    """A random seed: an integer 0 or more (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_input_options(
@@ -66,7 +82,7 @@ def add_input_options(
     parser.add_argument("--samples", type=int, default=samples_default, metavar="N", help=samples_help)
     if batch_size:
         parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="samples per run (dynamic batch axis)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed of the random inputs (default 0)")
     parser.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME:DIMS",
         help="shape for random inputs with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",

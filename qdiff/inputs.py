@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from qdiff.errors import DataError, ModelMismatchError, UsageError
+from qdiff.errors import DataError, ModelError, ModelMismatchError, UsageError
 from qdiff.graph import Graph
 
 __all__ = [
@@ -64,6 +64,12 @@ def input_specs(graph: Graph) -> list[InputSpec]:
     for name in graph.inputs:
         et = graph.elem_type(name) or onnx.TensorProto.FLOAT
         shape = graph.shape(name) or []
+        if any(isinstance(d, int) and d == 0 for d in shape):
+            text = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+            raise ModelError(
+                f"input '{name}' has a dimension of size 0 (shape {text}): it holds no values, so there is nothing to "
+                "run or compare; re-export the model with a real size (or a dynamic dimension) there"
+            )
         dims = tuple(d if (isinstance(d, int) and d > 0) else (d if isinstance(d, str) else None) for d in shape)
         specs.append(InputSpec(name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(et)), dims))
     return specs
@@ -111,6 +117,14 @@ def parse_input_shapes(items: Iterable[str] | Mapping[str, Iterable[int]] | None
             shape = ()
         if not sep or not name or not shape or any(d <= 0 for d in shape):
             raise UsageError(f"--input-shape '{item}' is not NAME:DIMS like input:1x3x224x224")
+        count = 1
+        for d in shape:
+            count *= d
+        if count > MAX_RANDOM_RUN_BYTES:  # at least one byte a value, whatever the input's type
+            raise UsageError(
+                f"--input-shape {item} asks for {count:,} values per run (at least {_human(count)}), more than the "
+                f"{_human(MAX_RANDOM_RUN_BYTES)} of random inputs qdiff allows per run; give smaller dimensions"
+            )
         out[name] = shape
     return out
 
@@ -196,6 +210,8 @@ def make_source(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
+    if seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {seed}")
     input_shapes = dict(input_shapes or {})
     unknown = set(input_shapes) - {s.name for s in specs}
     if unknown:
@@ -280,7 +296,7 @@ def _effective_batch(spec: InputSpec, batch_size: int, where: str) -> int:
         if batch_size not in (1, d0):
             raise UsageError(
                 f"input '{spec.name}' has a fixed batch dimension of {d0}; --batch-size {batch_size} cannot be fed "
-                f"(use --batch-size 1)"
+                f"(use --batch-size 1{'' if d0 == 1 else f' or {d0}'})"
             )
         return d0
     return batch_size
@@ -411,6 +427,7 @@ def _random_source(
             else:
                 shape = tuple(spec.shape)  # type: ignore[arg-type]
         shapes[spec.name] = tuple(int(d) for d in shape)
+    _check_random_size(specs, shapes, dynamic_batch, min(batch_size, samples))
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng(seed)
@@ -433,6 +450,39 @@ def _random_source(
             yield batch
 
     return DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+
+
+#: random inputs of one run may take at most this many bytes (all inputs together): a typo in
+#: --input-shape (x:100000x100000x1000) would otherwise allocate until the machine swaps
+MAX_RANDOM_RUN_BYTES = 1 << 30
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"  # pragma: no cover
+
+
+def _check_random_size(
+    specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]], dynamic_batch: set[str], batch: int
+) -> None:
+    total, parts = 0, []
+    for spec in specs:
+        shape = shapes[spec.name]
+        if spec.name in dynamic_batch:
+            shape = (batch,) + shape[1:]
+        count = 1
+        for d in shape:
+            count *= d
+        total += count * spec.dtype.itemsize
+        parts.append(f"{spec.name}:{'x'.join(map(str, shape))}")
+    if total > MAX_RANDOM_RUN_BYTES:
+        raise UsageError(
+            f"random inputs {', '.join(parts)} would take {_human(total)} per run ({total:,} bytes), more than the "
+            f"{_human(MAX_RANDOM_RUN_BYTES)} qdiff allows; pass a smaller --input-shape or --batch-size, or real --data"
+        )
 
 
 def _samples_in(batch: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:
