@@ -233,9 +233,9 @@ def _make(data, specs, samples, batch_size, seed, input_shapes) -> DataSource:
         if path.is_dir():
             return _folder_source(path, specs, samples, batch_size)
         if path.suffix == ".npy" and len(specs) == 1:
-            arrays = {specs[0].name: _load_npy(path)}
+            arrays = {specs[0].name: _load_npy(path, mmap=True)}
         else:
-            arrays = _load_npz(path)
+            arrays = _load_npz(path, rows=samples)
         return _array_source(arrays, specs, samples, batch_size, str(path))
     if isinstance(data, Mapping):
         return _array_source({k: np.asarray(v) for k, v in data.items()}, specs, samples, batch_size, "data dict")
@@ -257,22 +257,81 @@ def _take(it: Iterable[Any], n: int) -> Iterator[Any]:
         yield x
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, rows: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file; with ``rows``, only the first ``rows`` entries along axis 0.
+
+    Each member is read as a stream from the zip file: its .npy header first, then only the
+    bytes of the rows asked for, so ``--samples 2`` on a compressed file of gigabytes (a
+    "zip bomb" of zeros, or just a big data set) decompresses two rows, not the whole array.
+    np.load cannot do this: it has no mmap inside an .npz and reads a member whole.
+    """
+    import zipfile
+
     try:
-        npz = np.load(path, allow_pickle=False)
-        if not hasattr(npz, "files"):  # an .npy file: a bare array, not a context manager
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic == b"\x93NUMPY":
             raise DataError(f"data '{path}' holds one array, not named inputs; save it with np.savez(path, input_name=array)")
-        with npz:
-            return {k: npz[k] for k in npz.files}
+        with zipfile.ZipFile(path) as zf:
+            members = {(n[:-4] if n.endswith(".npy") else n): n for n in zf.namelist()}
+            headers = {k: _npy_header(zf, m) for k, m in members.items()}
+            if rows is not None:
+                counts = {k: h[0][0] for k, h in headers.items() if h[0]}
+                if len(set(counts.values())) > 1:
+                    raise DataError(
+                        f"data {path}: inputs hold different numbers of samples {counts}; give every input the same count"
+                    )
+            return {k: _npy_rows(zf, members[k], headers[k], rows) for k in members}
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"data '{path}' is not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _npy_header(zf: Any, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from the header of an .npy member, nothing else read."""
+    fmt = np.lib.format
+    with zf.open(member) as fh:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            shape, fortran, dtype = fmt._read_array_header(fh, version)
+    if dtype.hasobject:
+        raise ValueError(f"member '{member}' holds Python objects (pickled), which qdiff does not load")
+    return tuple(int(d) for d in shape), bool(fortran), dtype
+
+
+def _npy_rows(zf: Any, member: str, header: tuple[tuple[int, ...], bool, np.dtype], rows: int | None) -> np.ndarray:
+    """The first ``rows`` entries (all when None) along axis 0 of an .npy member, streamed."""
+    shape, fortran, dtype = header
+    fmt = np.lib.format
+    with zf.open(member) as fh:
+        if fortran or not shape or rows is None or rows >= shape[0]:
+            fh.seek(0)
+            return fmt.read_array(fh, allow_pickle=False)  # the whole array was asked for (or is tiny / F-ordered)
+        version = fmt.read_magic(fh)
+        (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0 if version == (2, 0)
+         else lambda f: fmt._read_array_header(f, version))(fh)  # fmt: skip
+        row_values = 1
+        for d in shape[1:]:
+            row_values *= d
+        want = rows * row_values * dtype.itemsize
+        buf = bytearray(want)
+        view, got = memoryview(buf), 0
+        while got < want:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError(f"member '{member}' ends after {got} of the {want} bytes its header promises")
+            got += n
+    return np.frombuffer(buf, dtype=dtype).reshape((rows,) + shape[1:])
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except Exception as exc:
         raise DataError(f"data '{path}' is not a readable .npy file ({type(exc).__name__}: {exc})") from None
 
