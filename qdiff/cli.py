@@ -255,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
     except QdiffError as exc:
-        print(f"qdiff: error: {exc}", file=sys.stderr)
+        from qdiff.render import clean
+
+        print(f"qdiff: error: {clean(exc)}", file=sys.stderr)  # one line, whatever a name in it holds
         return 2
     except KeyboardInterrupt:
         print("qdiff: interrupted", file=sys.stderr)
@@ -305,19 +307,20 @@ def _compare(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(compare_renderable(result, top=args.top))
     if args.weights:
-        from rich.table import Table
+        from qdiff.render import Col, FitTable, _num
 
-        table = Table(title="weights (float vs dequantized)", title_justify="left", header_style="bold")
-        for col in ("layer", "role", "granularity", "shape", "cosine", "SQNR dB", "max abs", "worst ch", "worst ch cos"):
-            table.add_column(col)
-        for _, r in result.weights.iterrows():
-            table.add_row(
-                r["layer"], r["role"], r["granularity"], r["shape"], f"{r['cosine']:.6f}", f"{r['sqnr_db']:.2f}",
-                f"{r['max_abs']:.3g}", "" if r["worst_channel"] is None or r["worst_channel"] != r["worst_channel"]
-                else str(int(r["worst_channel"])), "" if r["worst_channel_cosine"] != r["worst_channel_cosine"]
-                or r["worst_channel_cosine"] is None else f"{r['worst_channel_cosine']:.6f}",
-            )  # fmt: skip
-        console.print(table)
+        cols = [
+            Col("layer", text=True, floor=12), Col("role", text=True, floor=4), Col("granularity", text=True, floor=6),
+            Col("shape", text=True, floor=6), Col("cosine", _num(6, 4)), Col("SQNR dB", _num(2, 1)),
+            Col("max abs", lambda v, level: f"{v:.3g}"), Col("worst ch", drop=2), Col("worst ch cos", _num(6, 4), drop=2),
+        ]  # fmt: skip
+        rows = [
+            ([r["layer"], r["role"], r["granularity"], str(r["shape"]), r["cosine"], r["sqnr_db"], r["max_abs"],
+              "" if r["worst_channel"] is None or r["worst_channel"] != r["worst_channel"] else str(int(r["worst_channel"])),
+              r["worst_channel_cosine"]], None)
+            for _, r in result.weights.iterrows()
+        ]  # fmt: skip
+        console.print(FitTable("weights (float vs dequantized)", cols, rows, levels=3))
     if args.json:
         result.to_json(args.json)
     if args.csv:
@@ -386,8 +389,10 @@ def _quantize(args: argparse.Namespace) -> int:
         f"wrote {report.path}: {report.size_bytes} bytes (float {report.float_size_bytes}), "
         f"{len(report.excluded)} layer(s) left in float, {report.calibration_samples} calibration samples"
     )
+    from qdiff.render import clean
+
     for w in report.warnings:
-        print(f"warning: {w}")
+        print(f"warning: {clean(w)}")
     return 0
 
 
@@ -430,7 +435,6 @@ def _fallback(args: argparse.Namespace) -> int:
 
 def _calib_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from qdiff.config import load_config, save_config
     from qdiff.quantize import calib_sweep
@@ -443,17 +447,17 @@ def _calib_sweep(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         samples=args.samples,
     )
-    t = Table(title="isolated cosine per layer and calibration method", title_justify="left", header_style="bold")
-    for col in table.columns:
-        t.add_column(str(col))
-    for _, r in table.iterrows():
-        t.add_row(*[f"{v:.6f}" if isinstance(v, float) else str(v) for v in r])
+    from qdiff.render import Col, FitTable, _num, cell
+
+    cols = [Col(str(c), _num(6, 4)) if table[c].map(lambda v: isinstance(v, float)).all() else Col(str(c), text=True)
+            for c in table.columns]  # fmt: skip
+    rows = [(list(r), None) for _, r in table.iterrows()]
     console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(t)
+    console.print(FitTable("isolated cosine per layer and calibration method", cols, rows, levels=2))
     for n in notes:
-        console.print(f"note: {n}")
+        console.print(cell(f"note: {n}"))
     save_config(config, args.output)
-    console.print(f"wrote {args.output} (default method {config.activation_quant_params['calibration_method']})")
+    console.print(cell(f"wrote {args.output} (default method {config.activation_quant_params['calibration_method']})"))
     return 0
 
 

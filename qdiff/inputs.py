@@ -159,6 +159,8 @@ class DataSource:
         self.batches = 0
         self.samples = 0
         self.digests: dict[int, str] = {}
+        #: the data are qdiff's own seeded random values (no data was given)
+        self.random = False
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         k, n = self.shard
@@ -508,7 +510,9 @@ def _random_source(
                     batch[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
             yield batch
 
-    return DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+    source = DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+    source.random = True
+    return source
 
 
 #: random inputs of one run may take at most this many bytes (all inputs together): a typo in
