@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -42,14 +43,30 @@ def _dask_client(address: str):
 
 def _bytes(text: str) -> int:
     """'512M' / '2G' / '1000' -> bytes (argparse type)."""
+    import math
+
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().rstrip("b")
     try:
         if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
+            number = float(t[:-1])
+            if not math.isfinite(number):
+                raise ValueError(text)
+            return int(number * units[t[-1]])
         return int(t)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a size like 512M or 2G") from None
+
+
+def _seed(text: str) -> int:
+    """A random seed: an integer 0 or more (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def add_input_options(
@@ -65,7 +82,7 @@ def add_input_options(
     parser.add_argument("--samples", type=int, default=samples_default, metavar="N", help=samples_help)
     if batch_size:
         parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="samples per run (dynamic batch axis)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0, metavar="S", help="seed of the random inputs (default 0)")
     parser.add_argument(
         "--input-shape", action="append", default=[], metavar="NAME:DIMS",
         help="shape for random inputs with dynamic dimensions, e.g. input:1x3x224x224 (repeatable)",
@@ -240,8 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
     except QdiffError as exc:
-        print(f"qdiff: error: {exc}", file=sys.stderr)
-        detail = getattr(exc, "detail", "")
+        from qdiff.render import clean
+
+        print(f"qdiff: error: {clean(exc)}", file=sys.stderr)  # one line, whatever a name in it holds
+        detail = getattr(exc, "detail", "")  # an --eval function's own traceback frames
         if detail:
             print(detail.rstrip("\n"), file=sys.stderr)
         return 2
@@ -293,19 +312,20 @@ def _compare(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(compare_renderable(result, top=args.top))
     if args.weights:
-        from rich.table import Table
+        from qdiff.render import Col, FitTable, _num
 
-        table = Table(title="weights (float vs dequantized)", title_justify="left", header_style="bold")
-        for col in ("layer", "role", "granularity", "shape", "cosine", "SQNR dB", "max abs", "worst ch", "worst ch cos"):
-            table.add_column(col)
-        for _, r in result.weights.iterrows():
-            table.add_row(
-                r["layer"], r["role"], r["granularity"], r["shape"], f"{r['cosine']:.6f}", f"{r['sqnr_db']:.2f}",
-                f"{r['max_abs']:.3g}", "" if r["worst_channel"] is None or r["worst_channel"] != r["worst_channel"]
-                else str(int(r["worst_channel"])), "" if r["worst_channel_cosine"] != r["worst_channel_cosine"]
-                or r["worst_channel_cosine"] is None else f"{r['worst_channel_cosine']:.6f}",
-            )  # fmt: skip
-        console.print(table)
+        cols = [
+            Col("layer", text=True, floor=12), Col("role", text=True, floor=4), Col("granularity", text=True, floor=6),
+            Col("shape", text=True, floor=6), Col("cosine", _num(6, 4)), Col("SQNR dB", _num(2, 1)),
+            Col("max abs", lambda v, level: f"{v:.3g}"), Col("worst ch", drop=2), Col("worst ch cos", _num(6, 4), drop=2),
+        ]  # fmt: skip
+        rows = [
+            ([r["layer"], r["role"], r["granularity"], str(r["shape"]), r["cosine"], r["sqnr_db"], r["max_abs"],
+              "" if r["worst_channel"] is None or r["worst_channel"] != r["worst_channel"] else str(int(r["worst_channel"])),
+              r["worst_channel_cosine"]], None)
+            for _, r in result.weights.iterrows()
+        ]  # fmt: skip
+        console.print(FitTable("weights (float vs dequantized)", cols, rows, levels=3))
     if args.json:
         result.to_json(args.json)
     if args.csv:
@@ -355,7 +375,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.config_command != "init":
         print("qdiff: error: use 'qdiff config init FLOAT -o config.json'", file=sys.stderr)
         return 2
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     config = init_config(args.float_model, quant_format=args.format)
     config.weight_quant_params["per_channel"] = not args.per_tensor
     save_config(config, args.output)
@@ -367,15 +387,17 @@ def _quantize(args: argparse.Namespace) -> int:
     from qdiff.config import load_config
     from qdiff.quantize import init_config, quantize
 
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     config = load_config(args.config) if args.config else init_config(args.float_model)
     report = quantize(args.float_model, config, args.calib, args.output)
     print(
         f"wrote {report.path}: {report.size_bytes} bytes (float {report.float_size_bytes}), "
         f"{len(report.excluded)} layer(s) left in float, {report.calibration_samples} calibration samples"
     )
+    from qdiff.render import clean
+
     for w in report.warnings:
-        print(f"warning: {w}")
+        print(f"warning: {clean(w)}")
     return 0
 
 
@@ -388,10 +410,7 @@ def _fallback(args: argparse.Namespace) -> int:
     from qdiff.render import fallback_renderable
 
     out = Path(args.outdir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {args.outdir} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise UsageError(f"-o {args.outdir}: folder '{out.parent}' does not exist")
+    _check_outdir(args)
     from qdiff.cli_report import check_report_options, write_reports
 
     check_report_options(args, "fallback")
@@ -422,12 +441,11 @@ def _fallback(args: argparse.Namespace) -> int:
 
 def _calib_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from qdiff.config import load_config, save_config
     from qdiff.quantize import calib_sweep
 
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     config, table, notes = calib_sweep(
         args.float_model,
         args.calib,
@@ -435,17 +453,17 @@ def _calib_sweep(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         samples=args.samples,
     )
-    t = Table(title="isolated cosine per layer and calibration method", title_justify="left", header_style="bold")
-    for col in table.columns:
-        t.add_column(str(col))
-    for _, r in table.iterrows():
-        t.add_row(*[f"{v:.6f}" if isinstance(v, float) else str(v) for v in r])
+    from qdiff.render import Col, FitTable, _num, cell
+
+    cols = [Col(str(c), _num(6, 4)) if table[c].map(lambda v: isinstance(v, float)).all() else Col(str(c), text=True)
+            for c in table.columns]  # fmt: skip
+    rows = [(list(r), None) for _, r in table.iterrows()]
     console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(t)
+    console.print(FitTable("isolated cosine per layer and calibration method", cols, rows, levels=2))
     for n in notes:
-        console.print(f"note: {n}")
+        console.print(cell(f"note: {n}"))
     save_config(config, args.output)
-    console.print(f"wrote {args.output} (default method {config.activation_quant_params['calibration_method']})")
+    console.print(cell(f"wrote {args.output} (default method {config.activation_quant_params['calibration_method']})"))
     return 0
 
 
@@ -454,9 +472,9 @@ def _export(args: argparse.Namespace) -> int:
     from qdiff.config import load_config
     from qdiff.quantize import export_skip_list
 
+    _check_writable(args.output, "-o", args)
     text = export_skip_list(load_config(args.config), args.to, model=args.model)
     if args.output:
-        _check_writable(args.output, "-o")
         write_atomic(args.output, text)
     else:
         sys.stdout.write(text)
@@ -471,7 +489,7 @@ def _match(args: argparse.Namespace) -> int:
 
     if args.output and not args.output.lower().endswith((".json", ".csv")):
         raise UsageError(f"-o {args.output}: give a .json or .csv file name")
-    _check_writable(args.output, "-o")
+    _check_writable(args.output, "-o", args)
     alignment = qdiff.match(args.float_model, args.quant_model, tensor_map=args.map)
     Console(width=None if sys.stdout.isatty() else 160).print(alignment_renderable(alignment))
     if args.output:
@@ -488,8 +506,27 @@ def _check_outputs(args: argparse.Namespace, kind: str) -> None:
     if args.top is not None and args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     for opt in ("csv", "json"):
-        _check_writable(getattr(args, opt), f"--{opt}")
+        _check_writable(getattr(args, opt), f"--{opt}", args)
     check_report_options(args, kind)
+
+
+def _check_outdir(args: argparse.Namespace) -> None:
+    """fallback's -o OUTDIR: a folder (or a new name in one) that can be written, whose
+    config.json, model.int8.onnx and history.csv are regular files or absent and no input file."""
+    from pathlib import Path
+
+    from qdiff._io import check_folder, check_output
+
+    out = Path(args.outdir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {args.outdir} exists and is not a folder; give a folder name")
+    if not out.exists():
+        check_folder(out.parent if str(out.parent) else Path("."), f"-o {args.outdir}:")  # OUTDIR can be made there
+        return
+    check_folder(out, f"-o {args.outdir}:")
+    inputs = [p for p in _input_paths(args) if p != getattr(args, "config", None)]  # --config may live there
+    for name in ("config.json", "model.int8.onnx", "history.csv"):
+        check_output(out / name, f"-o {args.outdir}:", inputs=inputs)
 
 
 def console() -> Any:
@@ -499,23 +536,52 @@ def console() -> Any:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-def check_writable(path: str | None, option: str) -> None:
+def check_writable(path: str | None, option: str, args: argparse.Namespace | None = None) -> None:
     """Public name of :func:`_check_writable` for command modules."""
-    _check_writable(path, option)
+    _check_writable(path, option, args)
 
 
-def _check_writable(path: str | None, option: str) -> None:
-    """Fail before the run, not after it, when an output file cannot be written."""
+#: the options (argparse ``dest``) naming files or folders a command reads
+_INPUT_OPTIONS = ("models", "float_model", "quant_model", "quant_only", "data", "map", "config", "calib", "eval_data")
+
+
+def _input_paths(args: argparse.Namespace | None) -> list[str]:
+    """The files a command reads, as given on its command line (outputs must not be one of them)."""
+    if args is None:
+        return []
+    paths: list[str] = []
+    for dest in _INPUT_OPTIONS:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and v:
+                paths.append(v)
+    return paths
+
+
+def _check_writable(path: str | None, option: str, args: argparse.Namespace | None = None) -> None:
+    """Fail before the run, not after it, when an output file cannot be written.
+
+    The path must be a regular file or a new name (a link is followed), none of the command's
+    input files, in an existing folder in which a file can really be created; and no other output
+    option of the command may name the same file.
+    """
     if not path:
         return
-    from pathlib import Path
+    from qdiff._io import check_output
 
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if p.is_dir():
+    if os.path.isdir(path):
         raise UsageError(f"{option} {path} is a directory; give a file name")
-    if not parent.is_dir():
-        raise UsageError(f"{option} {path}: folder '{parent}' does not exist; create it first")
+    check_output(path, option, inputs=_input_paths(args))
+    if args is not None:
+        mine = os.path.realpath(path)
+        for other, dest in _OUTPUT_OPTIONS:
+            value = getattr(args, dest, None)
+            if other != option and isinstance(value, str) and value and os.path.realpath(value) == mine:
+                raise UsageError(f"{option} and {other} both name {path}; give each output its own file")
+
+
+#: every option naming an output file (option, argparse ``dest``)
+_OUTPUT_OPTIONS = (("--json", "json"), ("--csv", "csv"), ("--html", "html"), ("--node-data", "node_data"), ("-o", "output"))
 
 
 @contextlib.contextmanager

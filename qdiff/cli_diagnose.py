@@ -75,7 +75,7 @@ def _diagnose(args: argparse.Namespace) -> int:
     from qdiff.cli import check_writable, console
     from qdiff.diagnose import SEVERITIES, diagnose
 
-    check_writable(args.json, "--json")
+    check_writable(args.json, "--json", args)
     result = diagnose(
         args.quant_model,
         args.float_model,
@@ -100,8 +100,8 @@ def _profile(args: argparse.Namespace) -> int:
     from qdiff.cli import check_writable, console
     from qdiff.profile import profile
 
-    check_writable(args.json, "--json")
-    check_writable(args.csv, "--csv")
+    check_writable(args.json, "--json", args)
+    check_writable(args.csv, "--csv", args)
     result = profile(
         args.float_model,
         args.quant_model,
@@ -136,35 +136,36 @@ def findings_table(findings: list[Any], title: str) -> Any:
     """A rich Table of findings: severity, check, layer, message, suggestion."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", header_style="bold", show_lines=True)
+    from qdiff.render import cell
+
+    table = Table(title=cell(title), title_justify="left", header_style="bold", show_lines=True)
     table.add_column("severity", no_wrap=True)
     table.add_column("check", no_wrap=True)
     table.add_column("layer", overflow="fold")
     table.add_column("what is wrong", overflow="fold", ratio=3)
     table.add_column("what to do", overflow="fold", ratio=2)
     for f in findings:
-        table.add_row(f.severity, f.check, f.layer or "-", f.message, f.suggestion or "", style=_STYLE.get(f.severity))
+        table.add_row(
+            *[cell(v) for v in (f.severity, f.check, f.layer or "-", f.message, f.suggestion or "")], style=_STYLE.get(f.severity)
+        )
     return table
 
 
 def frame_table(df: Any, title: str, max_rows: int = 60) -> Any:
     """A rich Table of a DataFrame (floats to 4 significant digits), at most ``max_rows`` rows."""
-    from rich.table import Table
+    from qdiff.render import Col, FitTable
 
-    table = Table(title=title, title_justify="left", header_style="bold")
-    for col in df.columns:
-        table.add_column(str(col), overflow="fold")
-    for _, r in df.head(max_rows).iterrows():
-        cells = []
-        for v in r:
-            if isinstance(v, float):
-                cells.append("-" if math.isnan(v) else f"{v:.4g}")
-            else:
-                cells.append("" if v is None else str(v))
-        table.add_row(*cells)
-    if len(df) > max_rows:
-        table.caption = f"{len(df) - max_rows} more row(s) in the JSON output"
-    return table
+    def number(v: Any, level: int) -> str:
+        return "-" if math.isnan(v) else f"{v:.{4 if level == 0 else 3}g}"
+
+    head = df.head(max_rows)
+    cols = [
+        Col(str(c), number) if head[c].map(lambda v: isinstance(v, float)).all() and len(head) else Col(str(c), text=True)
+        for c in df.columns
+    ]
+    rows = [([v if isinstance(v, float) else ("" if v is None else str(v)) for v in r], None) for _, r in head.iterrows()]
+    caption = f"{len(df) - max_rows} more row(s) in the JSON output" if len(df) > max_rows else None
+    return FitTable(title, cols, rows, levels=2, caption=caption)
 
 
 def diagnose_renderable(result: DiagnoseResult, *, tables: bool = False) -> Any:
@@ -186,12 +187,14 @@ def diagnose_renderable(result: DiagnoseResult, *, tables: bool = False) -> Any:
     other = [f"{k} ({v['status']}: {v['reason']})" for k, v in meta.get("checks", {}).items() if v.get("status") != "ran"]
     lines = [
         f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info; checks run: {', '.join(ran) or 'none'}",
-    ]
+    ]  # printed through render._lines: control characters escaped, no markup
     if other:
         lines.append(f"not run: {', '.join(other)}")
     if meta.get("data"):
         lines.append(f"{meta['data']}, {meta.get('samples')} sample(s)")
-    return Group(*parts, Text("\n".join(lines)))
+    from qdiff.render import _lines
+
+    return Group(*parts, _lines(lines))
 
 
 def profile_renderable(result: ProfileResult) -> Any:
@@ -202,25 +205,26 @@ def profile_renderable(result: ProfileResult) -> Any:
     from rich.text import Text
 
     meta, s = result.meta, result.summary
-    table = Table(
-        title=f"qdiff profile: {meta['float_model']['name']} vs {meta['quant_model']['name']} — µs per run, "
-        f"median of {s['runs']} runs",
-        title_justify="left",
-        header_style="bold",
-    )
-    for col, justify in [
-        ("#", "right"), ("layer", "left"), ("op", "left"), ("float µs", "right"), ("quant µs", "right"),
-        ("of which Q/DQ/Cast", "right"), ("ratio", "right"), ("quantized kernels", "left"),
-    ]:  # fmt: skip
-        table.add_column(col, justify=justify, overflow="fold")
+    from qdiff.render import Col, FitTable, _lines
+
+    title = f"qdiff profile: {meta['float_model']['name']} vs {meta['quant_model']['name']} — µs per run, median of {s['runs']} runs"
+    cols = [
+        Col("#"), Col("layer", text=True, floor=12), Col("op", text=True, floor=6),
+        Col("float µs", lambda v, level: _num(v)), Col("quant µs", lambda v, level: _num(v)),
+        Col("of which Q/DQ/Cast", lambda v, level: _num(v), drop=1), Col("ratio", lambda v, level: _num(v, 2)),
+        Col("quantized kernels", text=True, floor=10),
+    ]  # fmt: skip
+    body = []
     for _, r in result.layers.iterrows():
         order = r["order"]
         pos = "" if order is None or pd.isna(order) else ("in" if order < 0 else str(int(order)))
         style = "yellow" if r["slower"] else ("dim" if r["kind"] == "runtime" else None)
-        table.add_row(
-            pos, str(r["layer"]) + (" *" if r["slower"] else ""), str(r["op_type"] or ""), _num(r["float_us"]),
-            _num(r["quant_us"]), _num(r["conversion_us"]), _num(r["ratio"], 2), str(r["quant_ops"] or ""), style=style,
-        )  # fmt: skip
+        body.append((
+            [pos, str(r["layer"]) + (" *" if r["slower"] else ""), str(r["op_type"] or ""), r["float_us"], r["quant_us"],
+             r["conversion_us"], r["ratio"], str(r["quant_ops"] or "")],
+            style,
+        ))  # fmt: skip
+    table = FitTable(title, cols, body, levels=2)
     speed = s.get("speedup")
     lines = [
         f"total per run, without profiling: float {_num(s['float_total_us'])} µs, quantized {_num(s['quant_total_us'])} µs"
@@ -229,7 +233,7 @@ def profile_renderable(result: ProfileResult) -> Any:
         f"Q/DQ/Cast {_num(s['conversion_us'])} µs ({100 * s['conversion_share']:.0f}%)",
         f"* slower after quantization: {s['layers_slower']} of {s['layers']} layers; timings are noisy, compare runs on one machine",
     ]
-    parts: list[Any] = [table, Text("\n".join(lines))]
+    parts: list[Any] = [table, _lines(lines)]
     if result.findings:
         parts.append(findings_table(result.findings, "findings"))
     return Group(*parts)

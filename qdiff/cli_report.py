@@ -66,8 +66,8 @@ def check_report_options(args: argparse.Namespace, kind: str | None = None) -> N
     """
     from qdiff.cli import check_writable
 
-    check_writable(getattr(args, "html", None), "--html")
-    check_writable(getattr(args, "node_data", None), "--node-data")
+    check_writable(getattr(args, "html", None), "--html", args)
+    check_writable(getattr(args, "node_data", None), "--node-data", args)
     metric = getattr(args, "node_data_metric", None)
     if metric and kind in NODE_DATA_METRICS and metric not in NODE_DATA_METRICS[kind]:
         raise UsageError(f"--node-data-metric '{metric}' is not a {kind} layer column; use one of {', '.join(NODE_DATA_METRICS[kind])}")

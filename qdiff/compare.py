@@ -1790,6 +1790,7 @@ def _meta(
         "float_model": {"name": f.label, "path": str(f.path) if f.path else None, "sha256": f.sha256},
         "quant_model": {"name": q.label, "path": str(q.path) if q.path else None, "sha256": q.sha256},
         "data": source.description,
+        "random_inputs": source.random,  # no --data: seeded normal values, not real data
         "data_sha256": source.fingerprint(),
         "samples": source.samples,
         "runs": source.batches,

@@ -135,11 +135,11 @@ class QuantConfig:
             raise UsageError(f"{where}: the top level must be a JSON object with keys {', '.join(TOP_KEYS)}")
         _check_keys(doc, TOP_KEYS, where)
         batch_num = doc.get("batch_num", 10)
-        if not isinstance(batch_num, int) or isinstance(batch_num, bool) or batch_num < 1:
-            raise UsageError(f"{where}: batch_num must be a positive integer, got {batch_num!r}")
+        if not isinstance(batch_num, int) or isinstance(batch_num, bool) or not 1 <= batch_num <= MAX_BATCH_NUM:
+            raise UsageError(f"{where}: batch_num must be a positive integer (at most {MAX_BATCH_NUM:,}), got {_short(batch_num)}")
         fmt = doc.get("quant_format", "QDQ")
         if fmt not in FORMATS:
-            raise UsageError(f"{where}: quant_format '{fmt}' is not one of {', '.join(FORMATS)}")
+            raise UsageError(f"{where}: quant_format {_short(fmt)} is not one of {', '.join(FORMATS)}")
         act = dict(ACTIVATION_DEFAULTS)
         act.update(_params(doc.get("activation_quant_params", {}), tuple(ACTIVATION_DEFAULTS), f"{where}: activation_quant_params"))
         wgt = dict(WEIGHT_DEFAULTS)
@@ -155,7 +155,7 @@ class QuantConfig:
             _check_keys(entry, LAYER_KEYS, lw)
             enable = entry.get("quant_enable", True)
             if not isinstance(enable, bool):
-                raise UsageError(f"{lw}.quant_enable must be true or false, got {enable!r}")
+                raise UsageError(f"{lw}.quant_enable must be true or false, got {_short(enable)}")
             layers[name] = LayerConfig(
                 enable,
                 _params(entry.get("activation_quant_params", {}), LAYER_ACTIVATION_KEYS, f"{lw}.activation_quant_params"),
@@ -164,10 +164,25 @@ class QuantConfig:
         return cls(batch_num, fmt, act, wgt, layers)
 
 
+#: a config larger than this is not one (an init config of a 10k-layer model is ~0.5 MB)
+MAX_CONFIG_BYTES = 64 << 20
+#: calibration samples a config may ask for
+MAX_BATCH_NUM = 1_000_000
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a config value, cut to 60 characters (a huge number or a deep list stays one short line)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # ints over 4300 digits; absurd nesting
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_keys(doc: dict[str, Any], valid: tuple[str, ...], where: str) -> None:
     for key in doc:
         if key not in valid:
-            raise UsageError(f"{where}: unknown key '{key}'; valid keys are {', '.join(valid)}")
+            raise UsageError(f"{where}: unknown key {_short(key)}; valid keys are {', '.join(valid)}")
 
 
 def _params(doc: Any, valid: tuple[str, ...], where: str) -> dict[str, Any]:
@@ -180,13 +195,15 @@ def _params(doc: Any, valid: tuple[str, ...], where: str) -> dict[str, Any]:
     }
     for key, value in doc.items():
         if key in checks and value not in checks[key]:
-            raise UsageError(f"{where}.{key} '{value}' is not one of {', '.join(checks[key])}")
+            raise UsageError(f"{where}.{key} {_short(value)} is not one of {', '.join(checks[key])}")
         if key in ("symmetric", "moving_average", "per_channel") and not isinstance(value, bool):
-            raise UsageError(f"{where}.{key} must be true or false, got {value!r}")
+            raise UsageError(f"{where}.{key} must be true or false, got {_short(value)}")
         if key in ("averaging_constant", "percentile") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise UsageError(f"{where}.{key} must be a number, got {value!r}")
-        if key == "percentile" and not 0 < float(value) <= 100:
-            raise UsageError(f"{where}.percentile must be in (0, 100], got {value}")
+            raise UsageError(f"{where}.{key} must be a number, got {_short(value)}")
+        if key == "percentile" and not 0 < value <= 100:  # exact for huge ints too; false for NaN
+            raise UsageError(f"{where}.percentile must be in (0, 100], got {_short(value)}")
+        if key == "averaging_constant" and not 0 < value <= 1:
+            raise UsageError(f"{where}.averaging_constant must be in (0, 1], got {_short(value)}")
     return dict(doc)
 
 
@@ -195,11 +212,25 @@ def load_config(path: str | os.PathLike[str]) -> QuantConfig:
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise UsageError(f"config '{p}' does not exist; create one with 'qdiff config init FLOAT -o {p}'")
+    size = os.path.getsize(p)
+    if size > MAX_CONFIG_BYTES:
+        raise UsageError(
+            f"config '{p}' is {size:,} bytes, more than a config can be ({MAX_CONFIG_BYTES:,}); "
+            f"check the path, or make a new one with 'qdiff config init FLOAT -o {p}'"
+        )
     try:
         with open(p, encoding="utf-8") as fh:
             doc = json.load(fh)
     except json.JSONDecodeError as exc:
         raise UsageError(f"config '{p}' is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config '{p}' is not UTF-8 text (a binary file?); pass the JSON config") from None
+    except RecursionError:
+        raise UsageError(f"config '{p}' nests JSON too deeply to be a qdiff config; pass the JSON config") from None
+    except ValueError as exc:  # Python refuses integers of more than 4300 digits
+        if "digits" in str(exc):
+            raise UsageError(f"config '{p}' holds a number of more than 4300 digits; no config value is that large") from None
+        raise UsageError(f"config '{p}' is not a valid config ({str(exc).splitlines()[0][:120]})") from None
     return QuantConfig.from_dict(doc, where=f"config '{p}'")
 
 

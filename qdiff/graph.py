@@ -121,6 +121,29 @@ def save_with_data(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None
             shutil.copyfile(src, dst)
 
 
+def _check_external_locations(proto: onnx.ModelProto, path: Path, role: str) -> None:
+    """Refuse external data outside the model's folder (``../x.bin``, ``/etc/x``, a link out):
+    a model file must not make qdiff or onnxruntime read any other file (path traversal)."""
+    try:
+        from onnx.external_data_helper import _get_all_tensors
+
+        tensors = list(_get_all_tensors(proto))
+    except ImportError:  # pragma: no cover - older onnx
+        tensors = list(proto.graph.initializer)
+    folder = path.resolve().parent
+    for t in tensors:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        rel = Path(loc)
+        if not loc or rel.is_absolute() or ".." in rel.parts or not (folder / rel).resolve().is_relative_to(folder):
+            raise ModelError(
+                f"{role} '{path}': tensor '{t.name}' keeps its data at '{loc}', outside the model's folder "
+                f"'{path.parent}' (a path traversal); qdiff reads external data only from beside the model: put the "
+                "file in that folder and give its location as a name relative to it"
+            )
+
+
 def _external_bytes(model: onnx.ModelProto) -> int:
     total = 0
     for t in model.graph.initializer:
@@ -182,6 +205,13 @@ def load_model(model: ModelLike, *, role: str = "model") -> LoadedModel:
             digest.update(block)
     try:
         proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise ModelError(
+            f"{role} '{path}' is not a readable ONNX model ({type(exc).__name__}: {exc}); "
+            "pass the .onnx file the exporter or quantizer wrote, with its external data files beside it"
+        ) from None
+    _check_external_locations(proto, path, role)
+    try:
         if _external_bytes(proto) > KEEP_EXTERNAL_BYTES:
             entry = proto.metadata_props.add()
             entry.key, entry.value = EXTERNAL_DIR_KEY, str(path.resolve().parent)

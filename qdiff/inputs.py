@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 import onnx
 
-from qdiff.errors import DataError, ModelMismatchError, UsageError
+from qdiff.errors import DataError, ModelError, ModelMismatchError, UsageError
 from qdiff.graph import Graph
 
 __all__ = [
@@ -64,6 +64,12 @@ def input_specs(graph: Graph) -> list[InputSpec]:
     for name in graph.inputs:
         et = graph.elem_type(name) or onnx.TensorProto.FLOAT
         shape = graph.shape(name) or []
+        if any(isinstance(d, int) and d == 0 for d in shape):
+            text = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
+            raise ModelError(
+                f"input '{name}' has a dimension of size 0 (shape {text}): it holds no values, so there is nothing to "
+                "run or compare; re-export the model with a real size (or a dynamic dimension) there"
+            )
         dims = tuple(d if (isinstance(d, int) and d > 0) else (d if isinstance(d, str) else None) for d in shape)
         specs.append(InputSpec(name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(et)), dims))
     return specs
@@ -111,6 +117,14 @@ def parse_input_shapes(items: Iterable[str] | Mapping[str, Iterable[int]] | None
             shape = ()
         if not sep or not name or not shape or any(d <= 0 for d in shape):
             raise UsageError(f"--input-shape '{item}' is not NAME:DIMS like input:1x3x224x224")
+        count = 1
+        for d in shape:
+            count *= d
+        if count > MAX_RANDOM_RUN_BYTES:  # at least one byte a value, whatever the input's type
+            raise UsageError(
+                f"--input-shape {item} asks for {count:,} values per run (at least {_human(count)}), more than the "
+                f"{_human(MAX_RANDOM_RUN_BYTES)} of random inputs qdiff allows per run; give smaller dimensions"
+            )
         out[name] = shape
     return out
 
@@ -145,6 +159,8 @@ class DataSource:
         self.batches = 0
         self.samples = 0
         self.digests: dict[int, str] = {}
+        #: the data are qdiff's own seeded random values (no data was given)
+        self.random = False
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         k, n = self.shard
@@ -196,6 +212,8 @@ def make_source(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if samples is not None and samples < 1:
         raise UsageError(f"--samples must be at least 1, got {samples}")
+    if seed < 0:
+        raise UsageError(f"--seed must be 0 or more, got {seed}")
     input_shapes = dict(input_shapes or {})
     unknown = set(input_shapes) - {s.name for s in specs}
     if unknown:
@@ -217,9 +235,9 @@ def _make(data, specs, samples, batch_size, seed, input_shapes) -> DataSource:
         if path.is_dir():
             return _folder_source(path, specs, samples, batch_size)
         if path.suffix == ".npy" and len(specs) == 1:
-            arrays = {specs[0].name: _load_npy(path)}
+            arrays = {specs[0].name: _load_npy(path, mmap=True)}
         else:
-            arrays = _load_npz(path)
+            arrays = _load_npz(path, rows=samples)
         return _array_source(arrays, specs, samples, batch_size, str(path))
     if isinstance(data, Mapping):
         return _array_source({k: np.asarray(v) for k, v in data.items()}, specs, samples, batch_size, "data dict")
@@ -241,22 +259,81 @@ def _take(it: Iterable[Any], n: int) -> Iterator[Any]:
         yield x
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, rows: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file; with ``rows``, only the first ``rows`` entries along axis 0.
+
+    Each member is read as a stream from the zip file: its .npy header first, then only the
+    bytes of the rows asked for, so ``--samples 2`` on a compressed file of gigabytes (a
+    "zip bomb" of zeros, or just a big data set) decompresses two rows, not the whole array.
+    np.load cannot do this: it has no mmap inside an .npz and reads a member whole.
+    """
+    import zipfile
+
     try:
-        npz = np.load(path, allow_pickle=False)
-        if not hasattr(npz, "files"):  # an .npy file: a bare array, not a context manager
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic == b"\x93NUMPY":
             raise DataError(f"data '{path}' holds one array, not named inputs; save it with np.savez(path, input_name=array)")
-        with npz:
-            return {k: npz[k] for k in npz.files}
+        with zipfile.ZipFile(path) as zf:
+            members = {(n[:-4] if n.endswith(".npy") else n): n for n in zf.namelist()}
+            headers = {k: _npy_header(zf, m) for k, m in members.items()}
+            if rows is not None:
+                counts = {k: h[0][0] for k, h in headers.items() if h[0]}
+                if len(set(counts.values())) > 1:
+                    raise DataError(
+                        f"data {path}: inputs hold different numbers of samples {counts}; give every input the same count"
+                    )
+            return {k: _npy_rows(zf, members[k], headers[k], rows) for k in members}
     except DataError:
         raise
     except Exception as exc:
         raise DataError(f"data '{path}' is not a readable .npz file ({type(exc).__name__}: {exc})") from None
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _npy_header(zf: Any, member: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """``(shape, fortran_order, dtype)`` from the header of an .npy member, nothing else read."""
+    fmt = np.lib.format
+    with zf.open(member) as fh:
+        version = fmt.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh)
+        else:
+            shape, fortran, dtype = fmt._read_array_header(fh, version)
+    if dtype.hasobject:
+        raise ValueError(f"member '{member}' holds Python objects (pickled), which qdiff does not load")
+    return tuple(int(d) for d in shape), bool(fortran), dtype
+
+
+def _npy_rows(zf: Any, member: str, header: tuple[tuple[int, ...], bool, np.dtype], rows: int | None) -> np.ndarray:
+    """The first ``rows`` entries (all when None) along axis 0 of an .npy member, streamed."""
+    shape, fortran, dtype = header
+    fmt = np.lib.format
+    with zf.open(member) as fh:
+        if fortran or not shape or rows is None or rows >= shape[0]:
+            fh.seek(0)
+            return fmt.read_array(fh, allow_pickle=False)  # the whole array was asked for (or is tiny / F-ordered)
+        version = fmt.read_magic(fh)
+        (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0 if version == (2, 0)
+         else lambda f: fmt._read_array_header(f, version))(fh)  # fmt: skip
+        row_values = 1
+        for d in shape[1:]:
+            row_values *= d
+        want = rows * row_values * dtype.itemsize
+        buf = bytearray(want)
+        view, got = memoryview(buf), 0
+        while got < want:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ValueError(f"member '{member}' ends after {got} of the {want} bytes its header promises")
+            got += n
+    return np.frombuffer(buf, dtype=dtype).reshape((rows,) + shape[1:])
+
+
+def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except Exception as exc:
         raise DataError(f"data '{path}' is not a readable .npy file ({type(exc).__name__}: {exc})") from None
 
@@ -280,7 +357,7 @@ def _effective_batch(spec: InputSpec, batch_size: int, where: str) -> int:
         if batch_size not in (1, d0):
             raise UsageError(
                 f"input '{spec.name}' has a fixed batch dimension of {d0}; --batch-size {batch_size} cannot be fed "
-                f"(use --batch-size 1)"
+                f"(use --batch-size 1{'' if d0 == 1 else f' or {d0}'})"
             )
         return d0
     return batch_size
@@ -411,6 +488,7 @@ def _random_source(
             else:
                 shape = tuple(spec.shape)  # type: ignore[arg-type]
         shapes[spec.name] = tuple(int(d) for d in shape)
+    _check_random_size(specs, shapes, dynamic_batch, min(batch_size, samples))
 
     def gen() -> Iterator[dict[str, np.ndarray]]:
         rng = np.random.default_rng(seed)
@@ -432,7 +510,42 @@ def _random_source(
                     batch[spec.name] = rng.integers(0, 2, size=shape).astype(spec.dtype)
             yield batch
 
-    return DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+    source = DataSource(gen(), specs, f"random inputs (seed {seed})", samples)
+    source.random = True
+    return source
+
+
+#: random inputs of one run may take at most this many bytes (all inputs together): a typo in
+#: --input-shape (x:100000x100000x1000) would otherwise allocate until the machine swaps
+MAX_RANDOM_RUN_BYTES = 1 << 30
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"  # pragma: no cover
+
+
+def _check_random_size(
+    specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]], dynamic_batch: set[str], batch: int
+) -> None:
+    total, parts = 0, []
+    for spec in specs:
+        shape = shapes[spec.name]
+        if spec.name in dynamic_batch:
+            shape = (batch,) + shape[1:]
+        count = 1
+        for d in shape:
+            count *= d
+        total += count * spec.dtype.itemsize
+        parts.append(f"{spec.name}:{'x'.join(map(str, shape))}")
+    if total > MAX_RANDOM_RUN_BYTES:
+        raise UsageError(
+            f"random inputs {', '.join(parts)} would take {_human(total)} per run ({total:,} bytes), more than the "
+            f"{_human(MAX_RANDOM_RUN_BYTES)} qdiff allows; pass a smaller --input-shape or --batch-size, or real --data"
+        )
 
 
 def _samples_in(batch: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:

@@ -306,6 +306,14 @@ def profile(
         raise UsageError(f"--warmup must be 0 or more, got {warmup}")
     if threads < 0:
         raise UsageError(f"--threads must be 0 or more, got {threads}")
+    from qdiff.runner import available_cpus
+
+    most = max(64, 4 * available_cpus())
+    if threads > most:
+        raise UsageError(
+            f"--threads {threads} is more than {most} (4 per core of the {available_cpus()} here, at least 64); "
+            "use 0 for one per core"
+        )
     provider = resolve_provider(provider)
     f_loaded = load_model(float_model, role="float model")
     q_loaded = load_model(quant_model, role="quantized model")

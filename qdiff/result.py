@@ -97,6 +97,8 @@ class CompareResult:
             "output_cosine": _clean(out_cos),
             "top1_agreement": _clean(top1.min()) if len(top1) else None,
             "samples": self.meta.get("samples"),
+            # no data given: the inputs were seeded normal values, the metrics may not reflect real data
+            "random_inputs": bool(self.meta.get("random_inputs", str(self.meta.get("data", "")).startswith("random inputs"))),
         }
 
     # -- serialisation -----------------------------------------------------------------------
