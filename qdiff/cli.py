@@ -148,6 +148,10 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--by", default="isolated", choices=["isolated", "gain", "accumulated", "noise"], help="ranking")
     s.add_argument("--no-gain", action="store_true", help="skip fallback gain / solo drop (one model pair per layer)")
     s.add_argument(
+        "--gain-top", type=int, default=4, metavar="N",
+        help="measure gain for the N Conv/Gemm/MatMul layers with the worst isolated error (default 4; 0: all)",
+    )  # fmt: skip
+    s.add_argument(
         "--eval", metavar="MODULE:FUNC",
         help="task metric function(model_path) -> float, higher is better (module:function or file.py:function)",
     )  # fmt: skip
@@ -350,6 +354,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
             data=args.data,
             by=args.by,
             gain=not args.no_gain,
+            gain_top=args.gain_top,
             eval=args.eval,
             samples=args.samples,
             batch_size=args.batch_size,

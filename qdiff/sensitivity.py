@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,9 @@ SMALL_LAYER_PARAMS = 1024
 
 #: edited models run together in one pass over the data
 _GROUP = 8
+
+#: layers whose gain is measured by default (the worst by isolated error)
+GAIN_TOP = 4
 
 EvalFn = Callable[[str], float]
 Progress = Callable[[str, int, "int | None"], None]
@@ -227,6 +231,7 @@ def sensitivity(
     provider: str = "CPUExecutionProvider",
     session_factory: SessionFactory | None = None,
     tensor_map: Mapping[str, str] | str | None = None,
+    gain_top: int | None = GAIN_TOP,
     progress: Progress | None = None,
 ) -> SensitivityResult:
     """Rank the layers of a quantized model by how much error they cause.
@@ -240,6 +245,10 @@ def sensitivity(
         eval: a task metric, ``function(model_path) -> float`` (higher is better), or its
             ``module:function`` / ``file.py:function`` name; replaces the final-output cosine
             for gain and solo drop.
+        gain_top: measure gain and solo drop for this many Conv/ConvTranspose/Gemm/MatMul layers,
+            those with the largest isolated error relative to their rounding noise first (None or 0:
+            all of them). Each costs two edited models run over the data, so on models of
+            hundreds of layers the gain of every layer costs tens of times a compare.
         samples, batch_size, seed, input_shapes, provider, session_factory, tensor_map: as for
             :func:`qdiff.compare`.
         progress: called as ``progress(phase, done, total)``.
@@ -249,6 +258,8 @@ def sensitivity(
     """
     if by not in RANK_BY:
         raise UsageError(f"--by must be one of {', '.join(RANK_BY)}, got '{by}'")
+    if gain_top is not None and gain_top < 0:
+        raise UsageError(f"--gain-top must be >= 0 (0: every layer), got {gain_top}")
     if by == "gain" and not gain:
         raise UsageError("ranking by gain needs the gain measurement; drop --no-gain")
     eval_fn = load_eval(eval)
@@ -447,6 +458,21 @@ def sensitivity(
     # ConvTranspose, Gemm or MatMul (a Reshape or a weight-less Add is never a fallback candidate
     # on its own, see qdiff.units); one edited model pair per layer is the expensive part
     gain_regions = [r for r in regions if _computes(r)]
+    gain_skipped: set[str] = set()
+    if gain_top and len(gain_regions) > gain_top:
+        # the layers whose isolated error stands out most: isolated error over rounding noise
+        # (noise ratio) where the output is quantized, else the isolated SQNR
+        def worst(r: Region) -> tuple:
+            res = iso[r.layer].result() if r.layer in iso else None
+            if res is None or res.mse is None:
+                return (1, 0.0)
+            floor = r.step**2 / 12 if r.step else None
+            sqnr = res.sqnr_db if res.sqnr_db is not None else 200.0
+            return (0, -(res.mse / floor) if floor else 0.0, sqnr)
+
+        ranked = sorted(gain_regions, key=worst)
+        gain_skipped = {r.layer for r in ranked[gain_top:]}
+        gain_regions = [r for r in gain_regions if r.layer not in gain_skipped]
     if gain and gain_regions:
         if eval_fn is not None:
             gains, metric_meta = _gains_eval(f_loaded.proto, q_loaded.proto, gain_regions, eval_fn, progress)
@@ -455,7 +481,7 @@ def sensitivity(
                 f_loaded.proto, q_loaded.proto, gain_regions, outputs, session_factory, source, progress
             )
 
-    layers = _table(pairs, regions, acc, iso, gains, by, metric_meta.get("keep_float_metric", {}))
+    layers = _table(pairs, regions, acc, iso, gains, by, metric_meta.get("keep_float_metric", {}), gain_skipped)
     meta = _meta(
         f_loaded, q_loaded, options, first_source, seed, batch_size, notes, None,
         time.perf_counter() - started, 0.0, matching,
@@ -465,6 +491,8 @@ def sensitivity(
     meta.update({"by": by, "cosine_threshold": COSINE_THRESHOLD, "small_layer_params": SMALL_LAYER_PARAMS})
     meta.update(metric_meta)
     meta["unmeasured"] = [p.layer for p in pairs if p.layer not in iso]
+    meta["gain_top"] = gain_top
+    meta["gain_layers"] = len(gains)
     return SensitivityResult(layers, meta)
 
 
@@ -507,9 +535,12 @@ class _Edited:
     control-flow node), the whole edited model runs.
     """
 
-    def __init__(self, model: onnx.ModelProto, marker: str, outputs: list[str], factory: SessionFactory, label: str):
+    def __init__(
+        self, model: onnx.ModelProto, marker: str, outputs: list[str], factory: SessionFactory, label: str,
+        types: Callable[[str], int | None] | None = None,
+    ):  # fmt: skip
         self.outputs = outputs
-        cut = _suffix(model, marker, outputs)
+        cut = _suffix(model, marker, outputs, types)
         if cut is None:
             self.sub, self.inputs, self.produced = model, [], set(outputs)
             self.whole = True
@@ -527,7 +558,7 @@ class _Edited:
         return [vals[o] if o in vals else base[o] for o in self.outputs]
 
 
-def _suffix(model: onnx.ModelProto, marker: str, outputs: list[str]):
+def _suffix(model: onnx.ModelProto, marker: str, outputs: list[str], types: Callable[[str], int | None] | None = None):
     """(sub-model, its inputs, tensors it produces) for the part of ``model`` downstream of ``marker`` nodes."""
     from onnx import helper
 
@@ -544,10 +575,16 @@ def _suffix(model: onnx.ModelProto, marker: str, outputs: list[str]):
         return None
     inits = {t.name: t for t in g.initializer}
     needed = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in produced and i not in inits))
-    view = Graph(model)
+    # the suffix reads tensors of the base model: their types come from its view (``types``,
+    # built once for all edits) before a view of the edited model is built (shape inference
+    # over the whole model: a third of the gain phase's set-up on PP-OCRv4 det)
+    view = None
     inputs = []
     for name in needed:
-        et = view.elem_type(name)
+        et = types(name) if types is not None else None
+        if et is None:
+            view = view or Graph(model)
+            et = view.elem_type(name)
         if et is None:
             return None
         inputs.append(helper.make_tensor_value_info(name, et, None))
@@ -581,6 +618,17 @@ def _gains_cosine(
     keep: dict[str, list[metrics.TensorAccumulator]] = {}
     solo: dict[str, list[metrics.TensorAccumulator]] = {}
     failed: dict[str, str] = {}
+    n_threads = pipeline.workers()
+    pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="qdiff-gain") if n_threads > 1 else None
+    try:
+        return _gains_cosine_groups(fp, qp, regions, outputs, factory, source, progress, pool, names_f, names_q, base, keep, solo, failed)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _gains_cosine_groups(fp, qp, regions, outputs, factory, source, progress, pool, names_f, names_q, base, keep, solo, failed):
+    q_types, f_types = Graph(qp).elem_type, Graph(fp).elem_type
     whole = 0
     total = len(regions)
     done = 0
@@ -589,8 +637,8 @@ def _gains_cosine(
         edited = []
         for r in group:
             try:
-                ks = _Edited(keep_float(qp, fp, r), "qdiff_", names_q, factory, f"{r.layer} kept in float")
-                ss = _Edited(quantize_only(fp, qp, r), "qdiff_", names_f, factory, f"{r.layer} quantized alone")
+                ks = _Edited(keep_float(qp, fp, r), "qdiff_", names_q, factory, f"{r.layer} kept in float", q_types)
+                ss = _Edited(quantize_only(fp, qp, r), "qdiff_", names_f, factory, f"{r.layer} quantized alone", f_types)
             except Exception as exc:  # an edit onnxruntime rejects: report it for that layer
                 failed[r.layer] = f"edited model did not load: {str(exc).splitlines()[0][:200]}"
                 continue
@@ -602,19 +650,9 @@ def _gains_cosine(
         f_taps = list(dict.fromkeys(names_f + [i for _, _, ss in edited for i in ss.inputs]))
         q_sess, _ = open_session(factory, tap_model(qp, q_taps), "quantized model")
         f_sess, _ = open_session(factory, tap_model(fp, f_taps), "float model")
+        jobs = [(r.layer, ks, keep, True) for r, ks, _ in edited] + [(r.layer, ss, solo, False) for r, _, ss in edited]
         for batch in source():
-            f_base = dict(zip(f_taps, f_sess.run(f_taps, feed_for(f_sess, batch))))
-            q_base = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
-            ref = [f_base[n] for n in names_f]
-            if start == 0:
-                for k, n in enumerate(names_q):
-                    base[k].update(ref[k], q_base[n])
-            for r, ks, ss in edited:
-                for k, v in enumerate(ks.run(batch, q_base)):
-                    keep[r.layer][k].update(ref[k], v)
-                for k, v in enumerate(ss.run(batch, f_base)):
-                    solo[r.layer][k].update(ref[k], v)
-            del f_base, q_base
+            _gain_step(batch, f_sess, q_sess, f_taps, q_taps, names_f, names_q, start, base, jobs, pool)
         done += len(group)
         if progress is not None:
             progress("gain", done, total)
@@ -638,6 +676,29 @@ def _gains_cosine(
         "gain_failures": failed,
         "gain_whole_model_runs": whole,
     }
+
+
+def _gain_step(batch, f_sess, q_sess, f_taps, q_taps, names_f, names_q, start, base, jobs, pool) -> None:
+    """One run of the base models and of every edited model on one sample, folded."""
+    f_base = dict(zip(f_taps, f_sess.run(f_taps, feed_for(f_sess, batch))))
+    q_base = dict(zip(q_taps, q_sess.run(q_taps, feed_for(q_sess, batch))))
+    ref = [f_base[name] for name in names_f]
+    if start == 0:
+        for k, name in enumerate(names_q):
+            base[k].update(ref[k], q_base[name])
+
+    def run(job) -> None:
+        layer, model, accs, on_quant = job  # each job's accumulators are its own: no lock
+        for k, v in enumerate(model.run(batch, q_base if on_quant else f_base)):
+            accs[layer][k].update(ref[k], v)
+
+    # the edited models are independent: one worker thread per core (onnxruntime releases the
+    # GIL), as compare's workers run whole samples through single-threaded sessions
+    if pool is None:
+        for job in jobs:
+            run(job)
+    else:
+        list(pool.map(run, jobs))
 
 
 def _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int) -> int | None:
@@ -691,7 +752,7 @@ def _gains_eval(
     }
 
 
-def _table(pairs, regions, acc, iso, gains, by, keep_metric) -> pd.DataFrame:
+def _table(pairs, regions, acc, iso, gains, by, keep_metric, gain_skipped=frozenset()) -> pd.DataFrame:
     by_layer = {r.layer: r for r in regions}
     compute = [p for p in pairs if p.layer in by_layer and by_layer[p.layer].params > 0]
     first = compute[0].layer if compute else None
@@ -717,6 +778,8 @@ def _table(pairs, regions, acc, iso, gains, by, keep_metric) -> pd.DataFrame:
         note = ""
         if r is None:
             note = "no isolated measurement (layer region not separable)"
+        elif p.layer in gain_skipped:
+            note = "no gain measured: isolated error below the worst --gain-top layers"
         elif gains and p.layer not in gains:
             note = "no gain measured: not a Conv/Gemm/MatMul layer (never a fallback candidate on its own)"
         rows.append(

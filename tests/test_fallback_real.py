@@ -122,12 +122,24 @@ def test_opset12_model_quantized_per_channel_loads_in_onnxruntime(paddle, tmp_pa
 def test_sensitivity_of_an_opset12_float_model_and_its_opset13_int8(paddle, tmp_path):
     f, calib = paddle
     quantize(f, init_config(f), calib, tmp_path / "q.onnx")
-    r = sensitivity(f, tmp_path / "q.onnx", data=calib, samples=4, by="gain")
+    r = sensitivity(f, tmp_path / "q.onnx", data=calib, samples=4, by="gain", gain_top=0)
     layers = r.layers.set_index("layer")
     assert layers["isolated_cosine"].notna().sum() >= 6
     compute = layers[layers["op_type"].str.contains("Conv|MatMul")]
     assert len(compute) == 6 and compute["gain"].notna().all()
     assert layers[~layers.index.isin(compute.index)]["gain"].isna().all()
+    # by default only the 4 compute layers whose isolated error stands out most get the (costly) gain
+    top = sensitivity(f, tmp_path / "q.onnx", data=calib, samples=4, by="gain").layers.set_index("layer")
+    measured = top.loc[compute.index, "gain"].notna()
+    assert measured.sum() == 4
+    skipped = top.loc[compute.index[~measured.to_numpy()]]
+    assert skipped["note"].str.contains("--gain-top").all()
+    # the measured ones are those of the largest noise ratio among the compute layers
+    ratio = top.loc[compute.index, "noise_ratio"].fillna(0)
+    assert ratio[measured.to_numpy()].min() >= ratio[~measured.to_numpy()].max() or top.loc[compute.index, "noise_ratio"].isna().any()
+    # and the same layers' gains as when every layer is measured
+    for name in compute.index[measured.to_numpy()]:
+        assert top.loc[name, "gain"] == pytest.approx(layers.loc[name, "gain"], abs=1e-9)
 
 
 EVALS = {
