@@ -171,6 +171,7 @@ class _Loop:
         self.tried: set[str] = set()
         self.notes: list[str] = []
         self.started = time.perf_counter()
+        self.limit = len(units)  # --max-float-layers: larger sets are measured (the baseline) but never chosen
         self.reports: dict[frozenset, Any] = {}
         self.tmp = Path(tempfile.mkdtemp(prefix="qdiff-fallback-"))
         self.calibration = self.tmp / "calibration.json"
@@ -229,11 +230,12 @@ class _Loop:
                 "model_sha256": hashlib.sha256(data).hexdigest(),
             }
         )
-        if self.best is None or self.target.better(value, self.best[1]) or (
+        eligible = len(floats) <= self.limit or floats == self.floats_of(self.base)  # a start config may exceed it
+        if eligible and (self.best is None or self.target.better(value, self.best[1]) or (
             value == self.best[1] and len(floats) < len(self.best[0])
-        ):
+        )):  # fmt: skip
             self.best = (floats, value)
-        if met and (
+        if eligible and met and (
             self.best_met is None
             or (len(floats), self.params(floats)) < (len(self.best_met[0]), self.params(self.best_met[0]))
             or (len(floats) == len(self.best_met[0]) and self.target.better(value, self.best_met[1]))
@@ -274,6 +276,8 @@ class _Loop:
             value = None if row["metric"] is None or (isinstance(row["metric"], float) and math.isnan(row["metric"])) else float(row["metric"])
             self.cache[floats] = value
             self.tried.update(floats)
+            if len(floats) > self.limit:
+                continue
             if self.best is None or self.target.better(value, self.best[1]):
                 self.best = (floats, value)
             if self.target.met(value) and (self.best_met is None or len(floats) < len(self.best_met[0])):
@@ -378,6 +382,8 @@ def fallback(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     loop = _Loop(fp, units, base, feeds, measure, proxy, target, out, progress)
+    if max_float_layers is not None:
+        loop.limit = max_float_layers
     try:
         if history is not None:
             loop.resume(history)
@@ -400,7 +406,7 @@ def _search(loop: _Loop, fp, units, target, eval_source, samples, max_float_laye
         floats = start | set(first_last)
         value = loop.evaluate(frozenset(floats), 0, "baseline", "first+last in float: " + " ".join(first_last))
         baseline = {"float_layers": first_last, "metric": value, "target_met": target.met(value)}
-    limit = max_float_layers if max_float_layers is not None else len(units)
+    limit = loop.limit
     deadline = None if time_budget is None else loop.started + time_budget
     rnd = 0
     gains: dict[str, float] = {}

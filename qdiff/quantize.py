@@ -491,9 +491,13 @@ def _check(float_model: onnx.ModelProto, qm: onnx.ModelProto, config: QuantConfi
             if node.op_type == "DequantizeLinear" and _is_weight_dq(qg, node) and len(node.input) > 1:
                 scale = qg.const_value(node.input[1])
                 value = qg.const_value(node.input[0])
+                readers = [qg.nodes[i].op_type for i in qg.consumers.get(node.output[0], [])]
+                # the output-channel axis of the reader: ConvTranspose weights are [in, out/group, ...]
+                axis = 1 if "ConvTranspose" in readers else (-1 if readers and readers[0] == "MatMul" else 0)
                 if (
                     scale is not None and value is not None and value.ndim >= 2
-                    and np.asarray(scale).size == 1 and min(value.shape[0], value.shape[-1]) > 1
+                    and np.asarray(scale).size == 1 and value.shape[axis] > 1
+                    and min(value.shape[0], value.shape[-1]) > 1
                 ):
                     per_tensor.append(node.input[0])
         if per_tensor:

@@ -225,3 +225,41 @@ def test_fallback_reaches_a_task_target_on_the_paddle_like_model_and_resume_repa
     assert r2.float_layers == r.float_layers and len(pd.read_csv(out / "history.csv")) >= len(hist)
     assert json.loads((out / "config.json").read_text())["layers"]
 
+
+
+def test_an_unreachable_target_says_what_was_tried_and_the_best(paddle, tmp_path, capsys):
+    f, calib = paddle
+    out = tmp_path / "out"
+    rc = main([
+        "fallback", str(f), "--calib", str(calib), "--target", "cosine>=0.99999999", "--max-float-layers", "1",
+        "-o", str(out), "--samples", "4",
+    ])  # fmt: skip
+    text = capsys.readouterr().out
+    assert rc == 1
+    assert "NOT reached" in text and "tried in float:" in text
+    hist = pd.read_csv(out / "history.csv")
+    # never more than one unit in float, and the written model is the best one measured
+    assert hist["n_float"].max() <= 2  # the first+last baseline is measured for comparison
+    written = hashlib.sha256((out / "model.int8.onnx").read_bytes()).hexdigest()
+    best = hist[hist["n_float"] <= 1].sort_values("metric").iloc[-1]
+    assert written == best["model_sha256"]  # the best within --max-float-layers, not the 2-layer baseline
+    tried = text.split("tried in float:")[1].split(";")[0]
+    assert {n.strip() for n in tried.split(",")} <= {u.name for u in fallback_units(onnx.load(str(f)))}
+
+
+def test_a_one_channel_conv_transpose_is_not_reported_as_lost_per_channel(tmp_path):
+    # DBNet's last layer: ConvTranspose to 1 channel; its weight [in, 1, k, k] has one output channel,
+    # so one scale is per-channel (was reported as "quantized per-tensor" on PP-OCRv4 det)
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 2, 2)).astype(np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 8, 8])], [w],
+    )  # fmt: skip
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "up.onnx"))
+    np.savez(tmp_path / "c.npz", x=rng.normal(0, 1, (4, 1, 4, 4, 4)).astype(np.float32).reshape(4, 1, 4, 4, 4)[:, 0])
+    report = quantize(tmp_path / "up.onnx", init_config(tmp_path / "up.onnx"), tmp_path / "c.npz", tmp_path / "q.onnx")
+    assert not [w for w in report.warnings if "per-tensor" in w], report.warnings
