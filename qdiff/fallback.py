@@ -16,8 +16,8 @@ nodes are never candidates on their own. The loop::
                                               │                                           │
        not met: re-rank from the best model, combine, repeat (stops when nothing improves)  │
                                               v                                           v
-                        prune (always): re-enable each float unit in turn, least useful first, while
-                        the target still holds (or, when it was not reached, the metric does not get worse)
+                        prune (always): re-enable float units, least useful first, in halving chunks,
+                        while the target still holds (or, not reached, while the metric does not get worse)
 
 Every candidate is quantized once by onnxruntime (the activation ranges are calibrated once and
 reused: they depend on the float model and the data, not on which nodes are excluded) and
@@ -28,8 +28,9 @@ Files in OUTDIR, in the order they are written after each candidate: ``model.int
 best so far), ``history.csv`` (every candidate, with its model's SHA-256) and ``config.json``
 last, each atomically; ``--resume`` reads config.json and the history, appends to the history and
 re-measures nothing already in it. After a kill at any moment the config is that of the model,
-or (killed between the two writes) the model of the previous row of the history; resume checks
-the model's hash against the history and re-quantizes it from the config when they differ.
+except when the kill falls between the two writes (the model is then one row newer than the
+config); resume checks the model's hash against the history and re-quantizes it from the config
+when they differ.
 """
 
 from __future__ import annotations
