@@ -725,9 +725,19 @@ def _mean_cosine(accs: list[metrics.TensorAccumulator]) -> float | None:
 def _gains_eval(
     fp: onnx.ModelProto, qp: onnx.ModelProto, regions: list[Region], eval_fn: EvalFn, progress: Progress | None
 ) -> tuple[dict[str, tuple[float | None, float | None]], dict[str, Any]]:
-    """Task metric of each edited model: the user's function is called with a model path."""
+    """Task metric of each edited model: the user's function is called with a model path.
+
+    Every edited model is loaded by onnxruntime before the user's function sees it: one that does
+    not load is a failure of that layer's gain (``gain_failures``), not of the user's function.
+    """
+    import onnxruntime as ort
+
     out: dict[str, tuple[float | None, float | None]] = {}
     keep_metric: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     with tempfile.TemporaryDirectory(prefix="qdiff-eval-") as tmp:
 
         def score(model: onnx.ModelProto, name: str) -> float:
@@ -738,8 +748,16 @@ def _gains_eval(
         float_metric = score(fp, "float")
         base_metric = score(qp, "quantized")
         for k, r in enumerate(regions):
-            kept = score(keep_float(qp, fp, r), f"keep_float_{k}")
-            alone = score(quantize_only(fp, qp, r), f"quantize_only_{k}")
+            try:
+                edited = [keep_float(qp, fp, r), quantize_only(fp, qp, r)]
+                for m in edited:
+                    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # noqa: BLE001 - an edit onnxruntime rejects: that layer has no gain
+                failed[r.layer] = f"edited model did not load: {str(exc).strip().splitlines()[0][:200]}"
+                out[r.layer] = (None, None)
+                continue
+            kept = score(edited[0], f"keep_float_{k}")
+            alone = score(edited[1], f"quantize_only_{k}")
             keep_metric[r.layer] = kept
             out[r.layer] = (kept - base_metric, float_metric - alone)
             if progress is not None:
@@ -749,6 +767,7 @@ def _gains_eval(
         "base_metric": base_metric,
         "float_metric": float_metric,
         "keep_float_metric": keep_metric,
+        "gain_failures": failed,
     }
 
 

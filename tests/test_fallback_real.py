@@ -263,3 +263,23 @@ def test_a_one_channel_conv_transpose_is_not_reported_as_lost_per_channel(tmp_pa
     np.savez(tmp_path / "c.npz", x=rng.normal(0, 1, (4, 1, 4, 4, 4)).astype(np.float32).reshape(4, 1, 4, 4, 4)[:, 0])
     report = quantize(tmp_path / "up.onnx", init_config(tmp_path / "up.onnx"), tmp_path / "c.npz", tmp_path / "q.onnx")
     assert not [w for w in report.warnings if "per-tensor" in w], report.warnings
+
+
+def test_the_search_combines_with_the_best_model_and_always_prunes(tmp_path):
+    # issue 15: with per-tensor int8 the digits CNN meets cosine>=0.9999 only with the first+last
+    # baseline's layers plus conv2; the old loop ranked on the baseline but added to the start config
+    # and skipped pruning, and ended "NOT reached"
+    samples = Path(__file__).resolve().parents[1] / "sample_models"
+    f = samples / "digits_cnn.float.onnx"
+    cfg = init_config(f)
+    cfg.weight_quant_params["per_channel"] = False
+    r = fallback(f, samples / "digits_calib.npz", target="cosine>=0.9999", eval_data=samples / "digits_test.npz", config=cfg, outdir=tmp_path / "o")
+    hist = r.history
+    assert not hist["target_met"].iloc[0] and r.reached and r.metric >= 0.9999
+    baseline = hist[hist["step"] == "baseline"].iloc[0]
+    first_round = hist[hist["round"] == 1].iloc[0]
+    # round 1 starts from the best model so far (the baseline beat the start) ...
+    assert baseline["metric"] > hist["metric"].iloc[0]
+    assert set(baseline["float_layers"].split()) <= set(first_round["float_layers"].split())
+    # ... and the prune then gives back what is not needed
+    assert (hist["step"] == "prune").any() and len(r.float_layers) < first_round["n_float"]
