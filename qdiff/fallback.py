@@ -380,6 +380,7 @@ def fallback(
         measure = _drop_measure(eval_fn, float_metric)
     else:
         float_metric, measure = 1.0, proxy
+    created = out is not None and not out.exists()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     loop = _Loop(fp, units, base, feeds, measure, proxy, target, out, progress)
@@ -390,6 +391,13 @@ def fallback(
             loop.resume(history)
             _check_written(loop, out)
         return _search(loop, fp, units, target, eval_source, samples, max_float_layers, max_rounds, gain_candidates, float_metric, time_budget)
+    except BaseException:
+        # a failure before anything was measured (the quantizer refusing the start config, the
+        # eval function failing on it) leaves no empty OUTDIR behind; after that, OUTDIR holds the
+        # best so far, as after an interrupt
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     finally:
         loop.close()
 

@@ -283,3 +283,15 @@ def test_the_search_combines_with_the_best_model_and_always_prunes(tmp_path):
     assert set(baseline["float_layers"].split()) <= set(first_round["float_layers"].split())
     # ... and the prune then gives back what is not needed
     assert (hist["step"] == "prune").any() and len(r.float_layers) < first_round["n_float"]
+
+
+def test_an_eval_that_fails_on_the_first_candidate_leaves_no_empty_outdir(paddle, tmp_path, capsys):
+    f, calib = paddle
+    ev = tmp_path / "flaky.py"
+    # fine on the float model, fails on every quantized candidate
+    ev.write_text("def metric(path):\n    if 'candidate' in path:\n        raise KeyError('labels')\n    return 1.0\n")
+    out = tmp_path / "out"
+    rc = main(["fallback", str(f), "--calib", str(calib), "--eval", f"{ev}:metric", "--target", "metric_drop<=0.01", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "raised KeyError: 'labels' on candidate" in err.splitlines()[0]
+    assert "flaky.py" in err and not out.exists()
