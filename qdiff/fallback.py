@@ -16,7 +16,7 @@ nodes are never candidates on their own. The loop::
                                               │                                           │
        not met: re-rank from the best model, combine, repeat (stops when nothing improves)  │
                                               v                                           v
-                        prune (always): re-enable float units, least useful first, in adaptive chunks,
+                        prune (always): re-enable float units, least useful first, in halving chunks,
                         while the target still holds (or, not reached, while the metric does not get worse)
 
 Every candidate is quantized once by onnxruntime (the activation ranges are calibrated once and
@@ -514,7 +514,6 @@ def _prune(loop: _Loop, floats: frozenset, rnd: int, gains: dict[str, float]) ->
         if keep:
             current, value = trial, v
             i += size
-            size *= 2  # removals that hold tend to come in runs: try more at once
         elif size > 1:
             size = max(1, size // 2)
         else:
