@@ -26,7 +26,12 @@ import os
 import random
 from pathlib import Path
 
+import sys
+
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers of ocr.py, also when loaded by --eval
+from ocr import _session, match_f1  # noqa: E402
 
 H, W = 800, 608
 STRIDES = (8, 16, 32, 64)
@@ -343,47 +348,18 @@ def decode(outputs: list[np.ndarray], score_thresh: float = 0.5, iou: float = 0.
     return result
 
 
-def _iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def f1(pred: list[list[tuple]], truth: list[list[tuple]], iou: float = 0.5) -> float:
     """Detection F1: each prediction (by descending score) matches the unused truth box of its class with the highest IoU >= ``iou``."""
-    tp = fp = fn = 0
-    for p, t in zip(pred, truth):
-        used: set[int] = set()
-        for cls, _score, *box in sorted(p, key=lambda d: -d[1]):
-            best, j = 0.0, -1
-            for k, (tc, *g) in enumerate(t):
-                if k not in used and tc == cls:
-                    v = _iou(box, g)
-                    if v > best:
-                        best, j = v, k
-            if best >= iou:
-                used.add(j)
-                tp += 1
-            else:
-                fp += 1
-        fn += len(t) - len(used)
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return match_f1(
+        [sorted(p, key=lambda d: -d[1]) for p in pred], truth, iou,
+        pred_box=lambda d: d[2:], truth_box=lambda t: t[1:], same=lambda d, t: d[0] == t[0],
+    )  # fmt: skip
 
 
 # ---- task metric, as `qdiff fallback --eval bench/realmodels/layout.py:layout_f1` calls it ----
 
 _CACHE: dict = {}
 EVAL_SAMPLES = int(os.environ.get("QDIFF_LAYOUT_EVAL_SAMPLES", "40"))
-
-
-def _session(model_path: str):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
 
 def detect(model_path: str, x: np.ndarray) -> list[list[tuple]]:

@@ -178,16 +178,17 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def det_f1(pred: list[list[tuple]], truth: list[list[tuple]], iou: float = 0.5) -> float:
-    """Detection hmean: greedy one-to-one matching at IoU >= ``iou`` over all images."""
+def match_f1(pred, truth, iou: float = 0.5, *, pred_box=lambda d: d, truth_box=lambda t: t, same=lambda d, t: True) -> float:
+    """Detection F1 over images: each prediction, in the order given, takes the unused truth box
+    (``same`` kind) of highest IoU; IoU >= ``iou`` is a true positive."""
     tp = fp = fn = 0
     for p, t in zip(pred, truth):
-        used = set()
-        for box in p:
+        used: set[int] = set()
+        for d in p:
             best, j = 0.0, -1
             for k, g in enumerate(t):
-                if k not in used:
-                    v = _iou(box, g)
+                if k not in used and same(d, g):
+                    v = _iou(pred_box(d), truth_box(g))
                     if v > best:
                         best, j = v, k
             if best >= iou:
@@ -197,6 +198,11 @@ def det_f1(pred: list[list[tuple]], truth: list[list[tuple]], iou: float = 0.5) 
                 fp += 1
         fn += len(t) - len(used)
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def det_f1(pred: list[list[tuple]], truth: list[list[tuple]], iou: float = 0.5) -> float:
+    """Detection hmean: greedy one-to-one matching at IoU >= ``iou`` over all images."""
+    return match_f1(pred, truth, iou)
 
 
 # ---- task metrics, as `qdiff fallback --eval bench/realmodels/ocr.py:rec_accuracy` calls them ----
@@ -210,7 +216,7 @@ def _session(model_path: str):
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    return ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
 
 def rec_accuracy(model_path: str) -> float:
