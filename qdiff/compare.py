@@ -31,6 +31,7 @@ import pandas as pd
 from onnx import numpy_helper
 
 from qdiff import _kernels, metrics, pipeline
+from qdiff.ops import INTEGER_PASS, QLINEAR_OUTPUT
 from qdiff.errors import QdiffError, UsageError
 from qdiff.fused import FusedUnavailable, build_fused
 from qdiff.graph import (
@@ -1228,21 +1229,6 @@ def _concat_runs(group: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]
     return {k: np.concatenate([b[k] for b in group]) for k in first}
 
 
-#: where fused quantized ops keep their output scale and zero point (input indices)
-_QLINEAR_OUT = {
-    "QLinearConv": (6, 7), "QLinearMatMul": (6, 7), "QLinearAdd": (6, 7), "QLinearMul": (6, 7),
-    "QLinearGlobalAveragePool": (3, 4), "QLinearAveragePool": (3, 4), "QLinearLeakyRelu": (3, 4),
-    "QLinearSigmoid": (3, 4), "QLinearConcat": (0, 1), "QGemm": (7, 8), "QLinearSoftmax": (3, 4),
-}  # fmt: skip
-
-
-#: ops onnxruntime runs directly on integers once their Q/DQ pair is dropped (same scale/zero point)
-_INTEGER_PASS = frozenset(
-    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Gather",
-     "Resize", "DepthToSpace", "SpaceToDepth", "Split", "Expand", "Tile"}
-)  # fmt: skip
-
-
 _PREFUSE_MAX_BYTES = 256 << 20
 #: fewer multiply-accumulates than this over all runs: the models are tapped as given (see prefuse_pays)
 _PREFUSE_MIN_MACS = 7.5e9
@@ -1320,11 +1306,11 @@ def _prefused(
         """Names of the scale and zero point of ``node``'s (integer) output."""
         if node.op_type == "QuantizeLinear" and len(node.input) >= 3:
             return node.input[1], node.input[2]
-        if node.op_type in _QLINEAR_OUT:
-            i, j = _QLINEAR_OUT[node.op_type]
+        if node.op_type in QLINEAR_OUTPUT:
+            i, j = QLINEAR_OUTPUT[node.op_type]
             return node.input[i], node.input[j]
         # ops onnxruntime runs on the integers as they are (their Q/DQ dropped): input's params
-        if node.op_type in _INTEGER_PASS and node.input and node.input[0] in producer and depth < 64:
+        if node.op_type in INTEGER_PASS and node.input and node.input[0] in producer and depth < 64:
             return params(producer[node.input[0]], depth + 1)
         return None
 

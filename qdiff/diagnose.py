@@ -44,6 +44,7 @@ import onnx
 import pandas as pd
 
 from qdiff._io import write_atomic
+from qdiff.ops import COMPUTE_OPS, INTEGER_OPS, LAYOUT, QDQ, RELU_HOSTS, RELU_LIKE, SHARES_QPARAMS, TRANSPARENT, weight_channel_axis
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, load_model
 from qdiff.inputs import DataLike, DataSource, check_same_inputs, input_specs, make_source, parse_input_shapes
@@ -89,27 +90,6 @@ FP16_MAX = 65504.0  #: largest finite float16
 FP16_MIN_NORMAL = 6.103515625e-05  #: smallest normal float16 (2**-14)
 FP16_EPS = 2.0**-11  #: float16 unit roundoff, the floor of "input error" for error jumps
 
-#: operators an int8 kernel implements by passing the quantized values through: input and output
-#: must have the same scale and zero point (Concat: every input and the output)
-PASS_THROUGH_OPS = frozenset(
-    {
-        "Relu", "Clip", "MaxPool", "GlobalMaxPool", "Reshape", "Transpose", "Flatten", "Squeeze",
-        "Unsqueeze", "Concat", "Slice", "Gather", "Split", "DepthToSpace", "SpaceToDepth", "Expand", "Tile",
-    }
-)  # fmt: skip
-
-#: operators that compute on integer tensors (their own kernels)
-INTEGER_OPS = frozenset(QOP_SPECS) | {
-    "QLinearConcat", "QAttention", "QEmbedLayerNormalization", "QLinearWhere", "QLinearConvTranspose",
-    "DynamicQuantizeLSTM", "QOrderedMatMul", "MatMulNBits", "QLinearGlobalAveragePool",
-}  # fmt: skip
-
-#: weighted operators whose weight granularity the per-channel check looks at
-WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
-_LAYOUT_COPY = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
-_TRANSPARENT = _QDQ | {"Identity", "Cast"}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _REDUCED_FLOAT = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 _INT_TYPES = {
@@ -367,7 +347,7 @@ class _Layers:
                 name = self._by_node[label]
                 break
             aux = bool(node.output) and all(self._domain.get(o) == "aux" for o in node.output if o)
-            if node.op_type in _TRANSPARENT or cur in self._absorbed or aux:
+            if node.op_type in TRANSPARENT or cur in self._absorbed or aux:
                 src = None if aux else next((i for i in node.input if i and not g.is_constant(i)), None)
                 if src is None:  # a weight's Q/DQ: the layer of the node reading it
                     nxt = next((c for o in node.output if o for c in g.consumers.get(o, [])), None)
@@ -508,7 +488,7 @@ def _all_qparams(g: Graph, idx: int) -> list[tuple[str, str, _QParams]]:
             found.append((node.output[0], *spec.out_params))
     out = []
     for tensor, s, z in found:
-        axis = attr_value(node, "axis", 1) if node.op_type in _QDQ else 1
+        axis = attr_value(node, "axis", 1) if node.op_type in QDQ else 1
         p = _qparams(g, node, s, z, axis, corrupt_ok=True)
         if p is not None:
             out.append((tensor, ins[s], p))
@@ -588,7 +568,7 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
     """Pass-through ops whose input and output scale/zero point differ; Q/DQ pairs that disagree.
 
     * QDQ: for Relu, Clip, MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Concat (every
-      input) and the other :data:`PASS_THROUGH_OPS`, the DequantizeLinear feeding the op and the
+      input) and the other :data:`SHARES_QPARAMS`, the DequantizeLinear feeding the op and the
       QuantizeLinear after it must carry the same scale and zero point; an int8 kernel passes the
       integer values through, so a runtime seeing a mismatch falls back to int8→float→int8 or
       computes wrongly (warning).
@@ -623,8 +603,8 @@ def check_qparams(ctx: DiagnoseContext) -> list[Finding]:
                     )
                 readers.append(g.node_label(idx))
     for idx, node in enumerate(g.nodes):
-        layer = ctx.layers.node(idx) if node.op_type not in _QDQ else ""
-        if node.op_type in PASS_THROUGH_OPS:
+        layer = ctx.layers.node(idx) if node.op_type not in QDQ else ""
+        if node.op_type in SHARES_QPARAMS:
             data_inputs = [i for i in node.input if i] if node.op_type == "Concat" else list(node.input[:1])
             ins = []
             for name in data_inputs:
@@ -783,7 +763,7 @@ def _writer_params(g: Graph, name: str) -> tuple[onnx.NodeProto, _QParams] | Non
         if node.op_type == "QLinearConcat":
             p = _qparams(g, node, 0, 1)
             return (node, p) if p is not None else None
-        if node.op_type in PASS_THROUGH_OPS and node.input and _is_int_activation(g, node.input[0]):
+        if node.op_type in SHARES_QPARAMS and node.input and _is_int_activation(g, node.input[0]):
             name = node.input[0]
             continue
         return None
@@ -1256,7 +1236,7 @@ def _weight_granularity(g: Graph, node: onnx.NodeProto) -> tuple[str, list[int],
     """(weight, shape, granularity, axis, output channels) of a weighted node's quantized weight."""
     op = node.op_type
     ins = list(node.input)
-    if op in WEIGHTED_OPS:
+    if op in COMPUTE_OPS:
         positions = [1] if op != "MatMul" else [1, 0]
         for pos in positions:
             if pos >= len(ins) or not ins[pos]:
@@ -1275,7 +1255,7 @@ def _weight_granularity(g: Graph, node: onnx.NodeProto) -> tuple[str, list[int],
             scale = g.const_value(dq.input[1]) if len(dq.input) > 1 else None
             if scale is None:
                 continue
-            axis = _out_axis(node, pos, value.ndim)
+            axis = weight_channel_axis(op, pos, value.ndim, attr_value(node, "transB", 0))
             return _gran(src, value.shape, np.asarray(scale), attr_value(dq, "axis", 1), axis)
         return None
     pos_scale = {"QLinearConv": (3, 4, 0), "QGemm": (3, 4, None), "QLinearMatMul": (3, 4, -1)}
@@ -1320,16 +1300,6 @@ def _gran(name: str, shape: Sequence[int], scale: np.ndarray, q_axis: int, out_a
     if scale.size > 1:
         return name, list(shape), "per-channel", int(q_axis), channels
     return name, list(shape), "per-tensor", None, channels
-
-
-def _out_axis(node: onnx.NodeProto, pos: int, ndim: int) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if attr_value(node, "transB", 0) else 1
-    return ndim - 1 if pos == 1 else ndim - 2
 
 
 def _downstream_of_intermediate_outputs(g: Graph) -> dict[int, str]:
@@ -1431,13 +1401,6 @@ class _SatAcc:
             self.xlo, self.xhi = min(self.xlo, float(x.min())), max(self.xhi, float(x.max()))
 
 
-_RELU_LIKE = frozenset({"Relu", "Clip"})
-#: producers a quantizer fuses a following Relu/Clip into (used when no FLOAT says what was fused)
-_RELU_HOSTS = frozenset(
-    {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd"}
-)
-
-
 def _fused_relu(ctx: DiagnoseContext, tensor: str, layer: str, source: str) -> bool:
     """Whether the layer writing ``tensor`` had a Relu/Clip fused into its output quantization.
 
@@ -1448,12 +1411,12 @@ def _fused_relu(ctx: DiagnoseContext, tensor: str, layer: str, source: str) -> b
         ops = {p.layer: p.op_type for p in ctx.matching.pairs}
         op = ops.get(layer)
         if op is not None:
-            return any(part in _RELU_LIKE for part in op.split("+")[1:])
+            return any(part in RELU_LIKE for part in op.split("+")[1:])
     g = ctx.qg
     idx = g.producer.get(tensor)
     if idx is None:
         return False
-    return g.nodes[idx].op_type in _RELU_HOSTS
+    return g.nodes[idx].op_type in RELU_HOSTS
 
 
 def _broadcast(p: _QParams, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1689,7 +1652,7 @@ def check_fp16(ctx: DiagnoseContext) -> list[Finding]:
     extra = [
         o for o in m.outputs
         if o.float_tensor not in paired
-        and not (o.float_tensor in fg.producer and fg.nodes[fg.producer[o.float_tensor]].op_type in _LAYOUT_COPY)
+        and not (o.float_tensor in fg.producer and fg.nodes[fg.producer[o.float_tensor]].op_type in LAYOUT)
     ]  # fmt: skip
     pairs: list[TensorPair] = list(dict.fromkeys(list(m.pairs) + extra))
     if not pairs:
@@ -1916,7 +1879,7 @@ def _fp16_alone(ctx: DiagnoseContext) -> list[Finding]:
         if o in bad and not ins_bad:
             name = g.node_label(idx)
             block.append(name)
-            block.extend(g.node_label(c) for c in g.consumers.get(o, []) if g.nodes[c].op_type not in _TRANSPARENT)
+            block.extend(g.node_label(c) for c in g.consumers.get(o, []) if g.nodes[c].op_type not in TRANSPARENT)
             findings.append(
                 Finding(
                     "fp16",

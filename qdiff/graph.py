@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qdiff.ops import COMPUTE_OPS
 from qdiff.errors import ModelError
 
 __all__ = [
@@ -64,7 +65,6 @@ def initializer_bytes(model: onnx.ModelProto, where: Callable[[onnx.TensorProto]
     return total
 
 
-_MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 
 
 def layer_macs(g: Graph) -> int | None:
@@ -73,7 +73,7 @@ def layer_macs(g: Graph) -> int | None:
     None where such a node's shapes are unknown."""
     total = 0
     for node in g.nodes:
-        if node.op_type not in _MAC_OPS or len(node.input) < 2:
+        if node.op_type not in COMPUTE_OPS or len(node.input) < 2:
             continue
         out, w = g.shape(node.output[0]), g.shape(node.input[1])
         if not out or not w:

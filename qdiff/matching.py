@@ -49,6 +49,7 @@ from itertools import product
 import numpy as np
 import onnx
 
+from qdiff.ops import COMMUTATIVE, EQUIVALENT, FUSABLE, KEEPS_QPARAMS, LAYOUT, weight_channel_axis
 from qdiff.errors import UsageError
 from qdiff.graph import FLOAT_TYPES, Graph, attr_value
 from qdiff.structs import (
@@ -126,27 +127,6 @@ QOP_SPECS: dict[str, QOpSpec] = {
 }
 # QLinearConcat: Y_scale, Y_zero_point, then (X, X_scale, X_zero_point) per input; built per node.
 
-#: Operators an int8 kernel runs directly on quantized values, keeping their scale and zero point.
-SCALE_PRESERVING = frozenset(
-    {
-        "MaxPool", "GlobalMaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
-        "Slice", "Gather", "Split", "Resize", "Pad", "DepthToSpace", "SpaceToDepth", "Expand",
-        "Tile", "Identity", "ReduceMax", "ReduceMin",
-    }
-)  # fmt: skip
-
-#: Float operators a quantizer may fold into the node before them (the chain's end is the layer).
-FUSABLE = frozenset(
-    {"Relu", "Clip", "LeakyRelu", "BatchNormalization", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu"}
-)
-
-#: Operators that only move values around; one model may have them where the other does not.
-LAYOUT = frozenset({"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Cast"})
-
-COMMUTATIVE = frozenset({"Add", "Mul", "Sum", "Max", "Min", "Mean"})
-
-#: Operators treated as the same layer type on both sides.
-_EQUIVALENT = {"Gemm": "MatMul"}
 
 _QUANT_SUFFIXES = (
     "_QuantizeLinear_Input",
@@ -172,7 +152,7 @@ def _base_name(name: str) -> str:
 
 
 def _same_kind(a: str, b: str) -> bool:
-    return _EQUIVALENT.get(a, a) == _EQUIVALENT.get(b, b)
+    return EQUIVALENT.get(a, a) == EQUIVALENT.get(b, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +358,7 @@ class _Skeleton:
         for k, o in enumerate(outs):
             if not o:
                 continue
-            if in_domain == "quant" and op in SCALE_PRESERVING:
+            if in_domain == "quant" and op in KEEPS_QPARAMS:
                 self._new_root(o, _G_QUANT, "quant")
                 if ins[0] in self.params:
                     self.params[o] = self.params[ins[0]]
@@ -502,7 +482,7 @@ class _Skeleton:
 
     # -- consumers ------------------------------------------------------------------------------
     def consumer_signature(self, root: str) -> tuple[tuple[str, ...], bool]:
-        ops = sorted(_EQUIVALENT.get(sn.op, sn.op) for sn in self.consumers.get(root, []))
+        ops = sorted(EQUIVALENT.get(sn.op, sn.op) for sn in self.consumers.get(root, []))
         is_output = any(m in self.g.outputs for m in self.members.get(root, [root]))
         return tuple(ops), is_output
 
@@ -575,7 +555,7 @@ class _Matcher:
 
     @staticmethod
     def _key(op: str, act: list[tuple[int, str]]) -> tuple:
-        op = _EQUIVALENT.get(op, op)
+        op = EQUIVALENT.get(op, op)
         if op in COMMUTATIVE or op == "Concat":
             names = tuple(sorted(r for _, r in act)) if op != "Concat" else tuple(r for _, r in sorted(act))
             return (op, names)
@@ -1211,17 +1191,7 @@ def _subgraph_nodes(g: onnx.GraphProto, prefix: str) -> list[tuple[str, str]]:
 
 
 def _channel_axis(node: onnx.NodeProto, pos: int, ndim: int) -> int | None:
-    if ndim < 2:
-        return None
-    if node.op_type == "Conv" and pos == 1:
-        return 0
-    if node.op_type == "ConvTranspose" and pos == 1:
-        return 1
-    if node.op_type == "Gemm" and pos == 1:
-        return 0 if attr_value(node, "transB", 0) else 1
-    if node.op_type == "MatMul":
-        return ndim - 1
-    return None
+    return weight_channel_axis(node.op_type, pos, ndim, attr_value(node, "transB", 0))
 
 
 def _align_shape(fv: np.ndarray, qv: np.ndarray) -> np.ndarray | None:

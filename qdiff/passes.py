@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from qdiff.graph import Graph
+from qdiff.ops import KEEPS_SIGN, NON_NEGATIVE
 
 __all__ = ["PassResult", "strip_activation_qdq"]
 
@@ -33,16 +34,6 @@ class PassResult:
     warnings: tuple[str, ...] = ()
 
 
-#: operators whose output is never negative
-_NON_NEGATIVE = frozenset({"Relu", "Clip", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Sqrt", "Softplus"})
-#: operators whose output is non-negative when their data input is (Concat: all inputs)
-_KEEPS_SIGN = frozenset(
-    {
-        "Identity", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Transpose",
-        "Flatten", "Squeeze", "Unsqueeze", "Resize", "Upsample", "Concat", "Slice", "Gather", "Split",
-        "DepthToSpace", "SpaceToDepth", "ReduceMax", "ReduceMin", "ReduceMean", "Expand", "Tile",
-    }
-)  # fmt: skip
 
 
 def strip_activation_qdq(model: onnx.ModelProto) -> PassResult:
@@ -130,8 +121,8 @@ def strip_activation_qdq(model: onnx.ModelProto) -> PassResult:
                 replaced += 1
                 continue
         new_nodes.append(n)
-        if n.op_type in _NON_NEGATIVE or (
-            n.op_type in _KEEPS_SIGN
+        if n.op_type in NON_NEGATIVE or (
+            n.op_type in KEEPS_SIGN
             and n.input
             and all(i in nonneg for i in (n.input if n.op_type == "Concat" else n.input[:1]) if i)
         ):

@@ -43,6 +43,7 @@ import pandas as pd
 
 from qdiff._io import write_atomic
 from qdiff.diagnose import Finding, _Layers
+from qdiff.ops import CONVERSION, RUNTIME_LAYOUT
 from qdiff.errors import DataError, UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
@@ -59,13 +60,9 @@ LAYER_COLUMNS = [
     "float_nodes", "quant_nodes", "quant_ops",
 ]  # fmt: skip
 
-#: runtime operator types counted as conversion (Q/DQ and Cast) time
-CONVERSION_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Cast"})
-
-#: layout nodes onnxruntime inserts (they have no node in either graph)
-LAYOUT_OPS = frozenset(
-    {"Transpose", "ReorderInput", "ReorderOutput", "MemcpyToHost", "MemcpyFromHost", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
-)
+#: conversion (Q/DQ and Cast) kernels and the layout nodes onnxruntime inserts, from qdiff.ops
+CONVERSION_OPS = CONVERSION
+LAYOUT_OPS = RUNTIME_LAYOUT
 
 #: a share of the quantized kernel time in Q/DQ/Cast above which a warning is given
 CONVERSION_SHARE_WARNING = 0.2

@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 
 from qdiff.config import QuantConfig, LayerConfig
+from qdiff.ops import QUANTIZABLE_OPS, WEIGHT_INPUT, weight_channel_axis
 from qdiff.errors import QdiffError, UsageError
 from qdiff.graph import Graph, ModelLike, default_opset, initializer_bytes, load_model, node_label, save_with_data, with_opset
 from qdiff.inputs import DataLike, input_specs, make_source
@@ -52,16 +53,7 @@ __all__ = ["quantize", "calib_sweep", "export_skip_list", "calibrate_ranges", "Q
 
 log = logging.getLogger(__name__)
 
-#: operator types onnxruntime's static quantizer quantizes (QDQ and QOperator registries)
-QUANTIZABLE_OPS = frozenset(
-    {
-        "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose", "CumSum", "Flatten",
-        "Gather", "GatherElements", "Gemm", "GlobalAveragePool", "InstanceNormalization", "LayerNormalization",
-        "LeakyRelu", "MatMul", "MaxPool", "Mul", "Add", "Pad", "Relu", "Reshape", "Resize", "Sigmoid", "Slice",
-        "Softmax", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where", "ArgMax",
-    }
-)  # fmt: skip
-_WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+_WEIGHTED = WEIGHT_INPUT
 _IR_FOR_QUANTIZER = 10
 
 
@@ -352,17 +344,11 @@ def _quiet_root_logger():
 
 
 def _weight_axis(g: Graph, layer: str) -> int:
-    """The output-channel axis onnxruntime uses for a layer's per-channel weight."""
+    """The axis onnxruntime's quantizer uses by default for a layer's per-channel weight."""
     from qdiff.graph import attr_value
 
     node = next(n for n in g.nodes if n.name == layer)
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if attr_value(node, "transB", 0) else 1
-    return 1
+    return weight_channel_axis(node.op_type, 1, 2, attr_value(node, "transB", 0), convention="onnxruntime")
 
 
 def _output_tensors(g: Graph, layer: str) -> list[str]:

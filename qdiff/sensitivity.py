@@ -498,7 +498,7 @@ def sensitivity(
 
 def _computes(region: Region) -> bool:
     """Does the layer compute with a Conv, ConvTranspose, Gemm or MatMul (a fallback candidate)?"""
-    from qdiff.units import COMPUTE_OPS
+    from qdiff.ops import COMPUTE_OPS
 
     return any(n.op_type in COMPUTE_OPS for n in region.float_nodes)
 

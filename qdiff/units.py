@@ -27,14 +27,9 @@ from dataclasses import dataclass
 import onnx
 
 from qdiff.graph import Graph
+from qdiff.ops import COMPUTE_OPS, MOVES_VALUES, QUANTIZABLE_OPS
 
-__all__ = ["Unit", "fallback_units", "COMPUTE_OPS"]
-
-#: the operators a unit is built around
-COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-
-#: operators the quantizer quantizes but that only move or select int8 values (never a unit's reason)
-LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather", "Split", "Identity", "Pad"})
+__all__ = ["Unit", "fallback_units"]
 
 
 @dataclass(frozen=True)
@@ -62,11 +57,9 @@ def fallback_units(model: onnx.ModelProto, quantizable: frozenset[str] | None = 
     Args:
         model: the float model as :func:`qdiff.quantize.prepare_model` returns it.
         quantizable: operator types the quantizer quantizes (default
-            :data:`qdiff.quantize.QUANTIZABLE_OPS`); other nodes are in no unit.
+            :data:`qdiff.ops.QUANTIZABLE_OPS`); other nodes are in no unit.
     """
     if quantizable is None:
-        from qdiff.quantize import QUANTIZABLE_OPS
-
         quantizable = QUANTIZABLE_OPS
     g = Graph(model)
     owner: dict[int, int] = {}  # node index -> index of the compute node owning it
@@ -103,7 +96,7 @@ def fallback_units(model: onnx.ModelProto, quantizable: frozenset[str] | None = 
     members: dict[int, list[int]] = {c: [] for c in compute}
     for idx, c in owner.items():
         node = g.nodes[idx]
-        if idx == c or (node.op_type in quantizable and node.op_type not in LAYOUT_OPS):
+        if idx == c or (node.op_type in quantizable and node.op_type not in MOVES_VALUES):
             members[c].append(idx)
     units = []
     for c in compute:
