@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 from qdiff import Graph, match_models
-from qdiff.quantize import prepare_model
+from qdiff._quantize import prepare_model
 
 COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "LSTM", "GRU", "RNN"}
 

@@ -342,7 +342,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qdiff.render import sensitivity_renderable
-    from qdiff.sensitivity import sensitivity
+    from qdiff._sensitivity import sensitivity
 
     from qdiff.cli_report import write_reports
 
@@ -375,7 +375,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from qdiff.config import save_config
-    from qdiff.quantize import init_config
+    from qdiff._quantize import init_config
 
     if args.config_command != "init":
         print("qdiff: error: use 'qdiff config init FLOAT -o config.json'", file=sys.stderr)
@@ -390,7 +390,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from qdiff.config import load_config
-    from qdiff.quantize import init_config, quantize
+    from qdiff._quantize import init_config, quantize
 
     _check_writable(args.output, "-o", args)
     config = load_config(args.config) if args.config else init_config(args.float_model)
@@ -411,7 +411,7 @@ def _fallback(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from qdiff.fallback import fallback
+    from qdiff._fallback import fallback
     from qdiff.render import fallback_renderable
 
     out = Path(args.outdir)
@@ -448,7 +448,7 @@ def _calib_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from qdiff.config import load_config, save_config
-    from qdiff.quantize import calib_sweep
+    from qdiff._quantize import calib_sweep
 
     _check_writable(args.output, "-o", args)
     config, table, notes = calib_sweep(
@@ -475,7 +475,7 @@ def _calib_sweep(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from qdiff._io import write_atomic
     from qdiff.config import load_config
-    from qdiff.quantize import export_skip_list
+    from qdiff._quantize import export_skip_list
 
     _check_writable(args.output, "-o", args)
     text = export_skip_list(load_config(args.config), args.to, model=args.model)

@@ -16,8 +16,8 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qdiff.diagnose import DiagnoseResult
-    from qdiff.profile import ProfileResult
+    from qdiff._diagnose import DiagnoseResult
+    from qdiff._profile import ProfileResult
 
 __all__ = ["register", "diagnose_renderable", "profile_renderable"]
 
@@ -27,7 +27,7 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 def register(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> None:
     """Add ``diagnose`` and ``profile`` to the ``qdiff`` command's subparsers."""
     from qdiff.cli import add_input_options
-    from qdiff.diagnose import CHECKS
+    from qdiff._diagnose import CHECKS
 
     d = subparsers.add_parser(
         "diagnose",
@@ -73,7 +73,7 @@ def register(subparsers: Any, parser_class: type[argparse.ArgumentParser]) -> No
 
 def _diagnose(args: argparse.Namespace) -> int:
     from qdiff.cli import check_writable, console
-    from qdiff.diagnose import SEVERITIES, diagnose
+    from qdiff._diagnose import SEVERITIES, diagnose
 
     check_writable(args.json, "--json", args)
     result = diagnose(
@@ -98,7 +98,7 @@ def _diagnose(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from qdiff.cli import check_writable, console
-    from qdiff.profile import profile
+    from qdiff._profile import profile
 
     check_writable(args.json, "--json", args)
     check_writable(args.csv, "--csv", args)

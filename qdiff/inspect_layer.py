@@ -23,7 +23,7 @@ import numpy as np
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
-from qdiff.runner import SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, tap_model
+from qdiff.engine.sessions import SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, tap_model
 from qdiff.structs import DequantParams, Matching, TensorPair
 
 __all__ = ["LayerValues", "layer_values"]
@@ -100,7 +100,7 @@ def layer_values(
     specs = input_specs(fg)
     check_same_inputs(specs, input_specs(qg), f_loaded.label, q_loaded.label)
     if isinstance(tensor_map, str):
-        from qdiff.compare import load_tensor_map
+        from qdiff._compare import load_tensor_map
 
         tensor_map = load_tensor_map(tensor_map)
     from qdiff.matching import match_models, no_weight_values
@@ -124,7 +124,7 @@ def layer_values(
     q_sess, _ = open_session(session_factory, tap_model(q_loaded.proto, [pair.quant_tensor]), q_loaded.label)
     (ref,) = f_sess.run([pair.float_tensor], feed_for(f_sess, batch))
     (cand,) = q_sess.run([pair.quant_tensor], feed_for(q_sess, batch))
-    from qdiff.compare import _real
+    from qdiff._compare import _real
 
     return LayerValues(
         layer=pair.layer,

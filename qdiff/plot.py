@@ -305,7 +305,7 @@ def layer_values(values: LayerValues, ax: Sequence[Axes] | None = None, *, bins:
 
 
 def _ranking_column(sens_result: Any) -> str:
-    from qdiff.sensitivity import RANK_BY
+    from qdiff._sensitivity import RANK_BY
 
     by = sens_result.meta.get("by", "isolated")
     return RANK_BY.get(by, ("isolated_cosine", True))[0]
@@ -376,7 +376,7 @@ def fallback_history(result_or_history: Any, ax: Axes | None = None, *, target: 
     if target is None and hasattr(result_or_history, "baseline"):
         text = result_or_history.baseline.get("target")
         if text:
-            from qdiff.fallback import parse_target
+            from qdiff._fallback import parse_target
 
             t = parse_target(str(text))
             target, kind = t.value, t.kind

@@ -254,7 +254,7 @@ def fallback_html(result: Any, *, command: str | None = None, title: str | None 
     """The HTML report of a :class:`~qdiff.fallback.FallbackResult`.
 
     Args:
-        result: what ``qdiff.fallback.fallback`` returned.
+        result: what ``qdiff._fallback.fallback`` returned.
         command: the command line that produced it.
         title: the page title.
     """

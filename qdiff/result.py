@@ -18,19 +18,21 @@ Means and worsts are over samples (over batches when ``batch_size`` > 1). A metr
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 
 from qdiff._io import write_atomic
 from qdiff.structs import TensorPair
 
-__all__ = ["Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
+__all__ = ["Result", "RunInfo", "ModelInfo", "Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
 
 METRIC_COLUMNS = [
     "cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs",
@@ -53,8 +55,139 @@ ALIGNMENT_COLUMNS = ["order", "layer", "op_type", "kind", "float_tensor", "quant
 COSINE_THRESHOLD = 0.99
 
 
+
+class Result:
+    """What every result shares: strict JSON of :meth:`to_dict` written atomically, the main
+    table as CSV, and display in a terminal (``__rich__``) and a notebook (``_repr_html_``).
+
+    Subclasses define ``to_dict`` and name their renderer in :attr:`_renderer` (a function of
+    :mod:`qdiff.render`, imported only when the result is displayed, so results never import rich).
+    """
+
+    #: the function of qdiff.render that draws this result
+    _renderer: ClassVar[str] = ""
+    #: the title of the notebook view
+    _title: ClassVar[str] = "qdiff"
+
+    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def table(self) -> pd.DataFrame:
+        """The main table (what :meth:`to_csv` writes): ``layers`` unless a result says otherwise."""
+        return self.layers  # type: ignore[attr-defined]
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_dict` as strict JSON (no NaN), atomically (no partial file on failure)."""
+        write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`table` as CSV, atomically."""
+        write_atomic(path, self.table().to_csv(index=False))
+
+    def __rich__(self) -> Any:
+        return getattr(importlib.import_module("qdiff.render"), self._renderer)(self)
+
+    def _repr_html_(self) -> str:
+        return f"<p><b>{self._title}</b></p>" + self.table().to_html(index=False, max_rows=200)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Which model a run read: its label, path and content hash (and size where a check needs it)."""
+
+    name: str
+    path: str | None
+    sha256: str | None
+    bytes: int | None = None
+
+    @classmethod
+    def of(cls, loaded: Any, size: int | None = None) -> ModelInfo:
+        return cls(loaded.label, str(loaded.path) if loaded.path else None, loaded.sha256, size)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "path": self.path, "sha256": self.sha256}
+        if self.bytes is not None:
+            out["bytes"] = self.bytes
+        return out
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What reproduces a run, the same for every command: versions, models, data and seed.
+
+    Results keep it in ``meta`` as :meth:`to_meta` gives it, with their own fields added.
+    """
+
+    float_model: ModelInfo | None
+    quant_model: ModelInfo | None
+    data: str | None
+    data_sha256: str | None
+    samples: int
+    random_inputs: bool
+    seed: int
+    qdiff_version: str
+    onnx_version: str
+    onnxruntime_version: str | None
+    numpy_version: str
+    python_version: str
+
+    @classmethod
+    def collect(cls, float_model: Any, quant_model: Any, source: Any, seed: int, *, model_bytes: Any = None) -> RunInfo:
+        """The record of a run over ``source`` (a :class:`qdiff.inputs.DataSource`, or None when
+        no data was read) of two loaded models (either may be None); ``model_bytes(loaded)``, when
+        given, adds each model's size."""
+        import numpy as np
+        import onnx
+
+        from qdiff import __version__
+
+        try:
+            import onnxruntime as ort
+
+            ort_version: str | None = ort.__version__
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            ort_version = None
+
+        def model(m: Any) -> ModelInfo | None:
+            if m is None:
+                return None
+            return ModelInfo.of(m, model_bytes(m) if model_bytes is not None else None)
+
+        return cls(
+            float_model=model(float_model),
+            quant_model=model(quant_model),
+            data=source.description if source is not None else None,
+            data_sha256=source.fingerprint() if source is not None else None,
+            samples=source.samples if source is not None else 0,
+            random_inputs=bool(source.random) if source is not None else False,
+            seed=seed,
+            qdiff_version=__version__,
+            onnx_version=onnx.__version__,
+            onnxruntime_version=ort_version,
+            numpy_version=np.__version__,
+            python_version=platform.python_version(),
+        )
+
+    def to_meta(self) -> dict[str, Any]:
+        """The run's fields as result ``meta`` keys (models as dicts)."""
+        return {
+            "qdiff_version": self.qdiff_version,
+            "onnx_version": self.onnx_version,
+            "onnxruntime_version": self.onnxruntime_version,
+            "numpy_version": self.numpy_version,
+            "python_version": self.python_version,
+            "float_model": self.float_model.to_dict() if self.float_model else None,
+            "quant_model": self.quant_model.to_dict() if self.quant_model else None,
+            "data": self.data,
+            "random_inputs": self.random_inputs,
+            "data_sha256": self.data_sha256,
+            "samples": self.samples,
+            "seed": self.seed,
+        }
+
+
 @dataclass
-class CompareResult:
+class CompareResult(Result):
     """Per-layer comparison of a float model and its quantized twin.
 
     Attributes:
@@ -113,20 +246,7 @@ class CompareResult:
             "meta": self.meta,
         }
 
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_dict` as JSON, atomically (no partial file on failure)."""
-        text = json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default)
-        write_atomic(path, text)
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the ``layers`` rows as CSV, atomically."""
-        write_atomic(path, self.layers.to_csv(index=False))
-
-    # -- display -----------------------------------------------------------------------------
-    def __rich__(self) -> Any:
-        from qdiff.render import compare_renderable
-
-        return compare_renderable(self)
+    _renderer = "compare_renderable"
 
     def _repr_html_(self) -> str:
         s = self.summary()
@@ -139,7 +259,7 @@ class CompareResult:
 
 
 @dataclass
-class Alignment:
+class Alignment(Result):
     """How the two graphs were paired (``qdiff match``), without running them.
 
     Attributes:
@@ -154,6 +274,13 @@ class Alignment:
     skipped: pd.DataFrame
     meta: dict[str, Any]
 
+    _renderer = "alignment_renderable"
+    _title = "qdiff match"
+
+    def table(self) -> pd.DataFrame:
+        """The pairs (CSV readable back by ``--map``)."""
+        return self.pairs
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "pairs": _records(self.pairs),
@@ -161,14 +288,6 @@ class Alignment:
             "skipped": _records(self.skipped),
             "meta": self.meta,
         }
-
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write the alignment as JSON (readable back by ``--map``), atomically."""
-        write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default))
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the pairs as CSV (readable back by ``--map``), atomically."""
-        write_atomic(path, self.pairs.to_csv(index=False))
 
 
 def _clean(v: Any) -> Any:

@@ -55,7 +55,7 @@ def fallback_units(model: onnx.ModelProto, quantizable: frozenset[str] | None = 
     """The units of a prepared float model (every node named, weights as initializers), graph order.
 
     Args:
-        model: the float model as :func:`qdiff.quantize.prepare_model` returns it.
+        model: the float model as :func:`qdiff._quantize.prepare_model` returns it.
         quantizable: operator types the quantizer quantizes (default
             :data:`qdiff.ops.QUANTIZABLE_OPS`); other nodes are in no unit.
     """

@@ -16,7 +16,9 @@ EXPECTED = {
     "__version__", "compare", "compare_quant_only", "CompareResult", "match", "Alignment", "load_tensor_map", "sensitivity", "SensitivityResult", "diagnose", "DiagnoseResult", "Finding", "profile", "ProfileResult", "TensorPair", "WeightPair", "Unmatched", "Matching",
     "MatchMethod", "DequantParams", "match_models", "Graph", "load_model", "InputSpec", "input_specs",
     "make_source", "SessionOptions", "default_session_factory", "tap_model", "QdiffError", "ModelError",
-    "ModelMismatchError", "DataError", "ProviderError", "UsageError",
+    "ModelMismatchError", "DataError", "ProviderError", "UsageError", "quantize", "init_config", "calib_sweep",
+    "export_skip_list", "QuantConfig", "LayerConfig", "load_config", "save_config", "fallback", "FallbackResult",
+    "RunInfo",
 }  # fmt: skip
 
 
@@ -25,6 +27,28 @@ def test_public_surface_is_the_reviewed_one():
     assert len(qdiff.__all__) == len(set(qdiff.__all__))
     for name in qdiff.__all__:
         assert hasattr(qdiff, name), name
+
+
+def test_public_functions_are_not_shadowed_by_their_modules():
+    # importing every implementation module first must not turn qdiff.compare etc. into modules
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(qdiff.__path__, "qdiff."):
+        if info.name.startswith("qdiff.cli") or info.name == "qdiff._ckernels":
+            continue
+        importlib.import_module(info.name)
+    for name in ("compare", "sensitivity", "diagnose", "profile", "quantize", "fallback", "match"):
+        assert callable(getattr(qdiff, name)) and not isinstance(getattr(qdiff, name), type(qdiff)), name
+
+
+def test_import_qdiff_metrics_is_light():
+    code = (
+        "import sys, time; t = time.perf_counter(); import qdiff.metrics; "
+        "print(sorted(m for m in ('onnxruntime', 'onnx', 'pandas', 'matplotlib', 'rich') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_user_errors_share_one_base():

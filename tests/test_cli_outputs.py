@@ -28,7 +28,7 @@ def _calib(d: Path) -> str:
 
 def _config(m: TinyModels, d: Path) -> str:
     from qdiff.config import save_config
-    from qdiff.quantize import init_config
+    from qdiff._quantize import init_config
 
     path = d / "cfg.json"
     save_config(init_config(m.float), path)

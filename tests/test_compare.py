@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat
 
 import qdiff
-from qdiff.runner import available_cpus
+from qdiff.engine.sessions import available_cpus
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -331,7 +331,7 @@ def test_channel_cosines_conventions_and_non_finite_weights():
     axis; against numpy on the finite channels."""
     import sys
 
-    cmp = sys.modules["qdiff.compare"]
+    cmp = sys.modules["qdiff._compare"]
     rng = np.random.default_rng(3)
     ref = rng.standard_normal((6, 5, 4)).astype(np.float32)
     cand = (ref + 0.1 * rng.standard_normal(ref.shape)).astype(np.float32)

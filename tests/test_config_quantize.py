@@ -16,8 +16,8 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from qdiff.cli import main
 from qdiff.config import QuantConfig, load_config, save_config
 from qdiff.errors import UsageError
-from qdiff.fallback import fallback
-from qdiff.quantize import calib_sweep, export_skip_list, init_config, quantize
+from qdiff._fallback import fallback
+from qdiff._quantize import calib_sweep, export_skip_list, init_config, quantize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 FLOAT = SAMPLES / "digits_cnn.float.onnx"
@@ -274,7 +274,7 @@ def test_nncf_export_names_are_accepted_by_nncf_on_the_onnx_model(tmp_path):
 
 def test_unnamed_nodes_get_one_name_in_configs_the_quantizer_and_layers(tmp_path):
     from qdiff.graph import Graph
-    from qdiff.quantize import prepare_model
+    from qdiff._quantize import prepare_model
 
     m = conv_net(tmp_path / "f.onnx")
     for node in m.graph.node:

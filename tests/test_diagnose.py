@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType
 
 import qdiff.cli
-from qdiff.diagnose import CHECKS, DiagnoseResult, Finding, diagnose
+from qdiff._diagnose import CHECKS, DiagnoseResult, Finding, diagnose
 from qdiff.errors import UsageError
 
 QDQ_INT8 = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)

@@ -20,9 +20,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdiff.cli import main
-from qdiff.fallback import fallback
-from qdiff.quantize import init_config, quantize
-from qdiff.sensitivity import sensitivity
+from qdiff._fallback import fallback
+from qdiff._quantize import init_config, quantize
+from qdiff._sensitivity import sensitivity
 from qdiff.units import fallback_units
 
 OPSET = 12
@@ -88,7 +88,7 @@ def paddle(tmp_path_factory):
 
 def test_units_are_compute_layers_with_their_weightless_nodes(paddle):
     f, _ = paddle
-    from qdiff.quantize import prepare_model
+    from qdiff._quantize import prepare_model
 
     units = {u.name: u for u in fallback_units(prepare_model(onnx.load(str(f))).model)}
     assert list(units) == ["p2o.Conv.0", "p2o.Conv.1", "p2o.MatMul.0", "p2o.MatMul.1", "p2o.MatMul.2", "p2o.MatMul.3"]

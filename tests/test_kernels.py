@@ -13,13 +13,13 @@ from builders import conv_feeds, conv_net, finish, quantize
 from onnx import TensorProto, helper, numpy_helper
 
 import qdiff
-from qdiff import _kernels
+from qdiff.engine import kernels as _kernels
 from qdiff import metrics as qm
 from qdiff.structs import DequantParams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 COLS = ["cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst"]
-compare_module = sys.modules["qdiff.compare"]
+compare_module = sys.modules["qdiff._compare"]
 graph_module = sys.modules["qdiff.graph"]
 
 needs_kernels = pytest.mark.skipif(
@@ -494,7 +494,7 @@ def test_no_fused_graph_when_no_tap_would_be_read_from_a_fused_node():
 def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
     """Sensitivity's quantized model is tapped in onnxruntime's fused graph: the same numbers as
     tapped as given; when the check on the first run disagrees, the model as given is tapped."""
-    sens_module = importlib.import_module("qdiff.sensitivity")
+    sens_module = importlib.import_module("qdiff._sensitivity")
     _fuse_from_64_runs(monkeypatch)
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
     fused = qdiff.sensitivity(*args, samples=64, gain=False)
@@ -529,7 +529,7 @@ def test_avx2_sse2_and_portable_c_paths_give_the_same_bits(tmp_path):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None or platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("needs a C compiler on x86-64")
-    src = Path(_kernels.__file__).with_name("_ckernels.c")
+    src = Path(_kernels.__file__).parent.parent / "_ckernels.c"
     so = tmp_path / "portable.so"
     subprocess.run(
         [cc, "-O3", "-fno-fast-math", "-std=c99", "-fPIC", "-shared", "-U__SSE2__",
@@ -596,8 +596,8 @@ def test_weights_on_disk_in_two_folders_for_sensitivity_and_quantize(tmp_path, m
     import onnx
 
     from qdiff import graph
-    from qdiff.quantize import init_config
-    from qdiff.quantize import quantize as quantize_model
+    from qdiff._quantize import init_config
+    from qdiff._quantize import quantize as quantize_model
 
     f = tmp_path / "f.onnx"
     conv_net(f)

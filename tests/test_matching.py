@@ -312,7 +312,7 @@ def test_deep_graph_matches_without_recursion_limits(tmp_path):
 def test_weigh_reduces_each_weight_as_found_and_drops_its_values():
     """match_models(weigh=...) hands every weight pair over with its values and keeps only what it
     returned: compare's weight table is the same as from the values held to the end."""
-    from qdiff.compare import _weight_row, _weights_frame
+    from qdiff._compare import _weight_row, _weights_frame
 
     fg = Graph(onnx.load(SAMPLES / "digits_cnn.float.onnx"))
     qg = Graph(onnx.load(SAMPLES / "digits_cnn.qdq_per_channel.onnx"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import qdiff
-from qdiff import pipeline
+from qdiff.engine import pipeline
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import qdiff  # noqa: E402
 from qdiff import plot  # noqa: E402
 from qdiff.errors import UsageError  # noqa: E402
-from qdiff.fallback import HISTORY_COLUMNS, FallbackResult  # noqa: E402
+from qdiff._fallback import HISTORY_COLUMNS, FallbackResult  # noqa: E402
 from qdiff.inspect_layer import LayerValues, layer_values  # noqa: E402
 
 

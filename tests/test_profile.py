@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, run_cli, strict_json_load
 
 import qdiff.cli
 from qdiff.graph import Graph, load_model
-from qdiff.profile import LAYER_COLUMNS, _find_node, normalise_name, parse_trace, profile
+from qdiff._profile import LAYER_COLUMNS, _find_node, normalise_name, parse_trace, profile
 
 DIGITS_LAYERS = {"conv1+relu1", "pool1", "conv2+relu2", "pool2", "flatten", "fc1+relu3", "fc2"}
 
@@ -127,7 +127,7 @@ def test_profile_totals_and_verdict_come_from_unprofiled_sessions(samples_dir, m
     qdiff's own timer is wrapped to record which sessions it timed and what it measured; the
     summary's totals must be the medians of exactly those runs.
     """
-    profile_module = importlib.import_module("qdiff.profile")  # qdiff.profile is also the function
+    profile_module = importlib.import_module("qdiff._profile")  # qdiff.profile is also the function
 
     timed: list[tuple[bool, float]] = []
     real = profile_module._timed_run

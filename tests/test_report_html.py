@@ -35,7 +35,7 @@ import pytest  # noqa: E402
 
 import qdiff  # noqa: E402
 from qdiff import report_html  # noqa: E402
-from qdiff.fallback import HISTORY_COLUMNS, FallbackResult  # noqa: E402
+from qdiff._fallback import HISTORY_COLUMNS, FallbackResult  # noqa: E402
 
 CHROMIUM = os.environ.get("QDIFF_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [

@@ -43,7 +43,7 @@ def _check_pairs(m, f_path, q_path):
     """Every pair has the same operator and shape on both sides (checked by running both models)."""
     import onnxruntime as ort
 
-    from qdiff.runner import tap_model
+    from qdiff.engine.sessions import tap_model
 
     fm, qm = onnx.load(str(f_path)), onnx.load(str(q_path))
     ft = tap_model(fm, [p.float_tensor for p in m.pairs])

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import qdiff
-from qdiff.compare import _local_workers
-from qdiff.runner import available_cpus
+from qdiff._compare import _local_workers
+from qdiff.engine.sessions import available_cpus
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 DIGITS = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qoperator.onnx")

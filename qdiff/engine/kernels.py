@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from qdiff import metrics
-from qdiff.runner import available_cpus
+from qdiff.engine.sessions import available_cpus
 from qdiff.structs import DequantParams
 
 __all__ = ["CHUNK", "available", "column_sums", "many_row_metrics", "row_metrics", "unavailable_reason"]

@@ -42,13 +42,13 @@ import onnx
 import pandas as pd
 
 from qdiff._io import write_atomic
-from qdiff.diagnose import Finding, _Layers
+from qdiff._diagnose import Finding, _Layers
 from qdiff.ops import CONVERSION, RUNTIME_LAYOUT
 from qdiff.errors import DataError, UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import _base_name, _Skeleton, match_models, no_weight_values
-from qdiff.runner import Session, feed_for, open_session, resolve_provider
+from qdiff.engine.sessions import Session, feed_for, open_session, resolve_provider
 
 __all__ = ["ProfileResult", "profile", "LAYER_COLUMNS", "parse_trace", "NodeTime"]
 
@@ -122,7 +122,7 @@ class ProfileResult:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"layers", "summary", "findings", "nodes", "meta"}``, JSON-safe."""
-        from qdiff.diagnose import _json_safe
+        from qdiff._diagnose import _json_safe
         from qdiff.result import _records
 
         return {
@@ -303,7 +303,7 @@ def profile(
         raise UsageError(f"--warmup must be 0 or more, got {warmup}")
     if threads < 0:
         raise UsageError(f"--threads must be 0 or more, got {threads}")
-    from qdiff.runner import available_cpus
+    from qdiff.engine.sessions import available_cpus
 
     most = max(64, 4 * available_cpus())
     if threads > most:

@@ -30,10 +30,11 @@ import onnx
 import pandas as pd
 from onnx import numpy_helper
 
-from qdiff import _kernels, metrics, pipeline
+from qdiff import metrics
+from qdiff.engine import kernels as _kernels, pipeline
 from qdiff.ops import INTEGER_PASS, QLINEAR_OUTPUT
 from qdiff.errors import QdiffError, UsageError
-from qdiff.fused import FusedUnavailable, build_fused
+from qdiff.engine.fused import FusedUnavailable, build_fused
 from qdiff.graph import (
     Graph,
     LoadedModel,
@@ -55,7 +56,7 @@ from qdiff.result import (
     Alignment,
     CompareResult,
 )
-from qdiff.runner import (
+from qdiff.engine.sessions import (
     available_cpus,
     SessionFactory,
     SessionOptions,
@@ -114,7 +115,7 @@ def compare(
         tensor_map: float tensor -> quantized tensor pairs overriding or completing the matching,
             or the path of a JSON/CSV file holding them (see :func:`load_tensor_map`).
         engine: ``fused`` reduces every tensor inside onnxruntime (both models merged into one
-            graph with the metric reductions, :mod:`qdiff.fused`); ``numpy`` copies the tapped
+            graph with the metric reductions, :mod:`qdiff.engine.fused`); ``numpy`` copies the tapped
             tensors out and reduces them in numpy; ``auto`` (default) uses fused where the
             models can be merged and falls back to numpy otherwise, saying why in ``meta.notes``.
         workers: processes the samples are sharded across (each runs every k-th sample with
@@ -434,7 +435,7 @@ def _measure(
     """One pass over ``source``: run both models per group of runs, fold every pair into its accumulator.
 
     The first group runs alone (it settles batching, the fused-graph taps and the deployed-model
-    check); the others go to :func:`qdiff.pipeline.run_groups` workers, each folding into its own
+    check); the others go to :func:`qdiff.engine.pipeline.run_groups` workers, each folding into its own
     :class:`_Folds` (one worker for the fused engine, whose runs reduce inside onnxruntime).
     ``setup``: the deployed-model session and onnxruntime's fused graph, prepared while the
     caller matched the graphs (None: made here when needed).
@@ -1520,7 +1521,7 @@ def _group_by_memory(keyed: list, fg: Graph, budget: int) -> list[list]:
 
 
 class _FusedEngine(_Engine):
-    """One merged graph: both models and every pair's reductions (see :mod:`qdiff.fused`)."""
+    """One merged graph: both models and every pair's reductions (see :mod:`qdiff.engine.fused`)."""
 
     def __init__(self, factory, f_loaded, q_loaded, fg, pairs, outputs):
         self.pairs, self.outputs = pairs, outputs
@@ -1589,7 +1590,7 @@ def load_pair(float_model: ModelLike, quant_model: ModelLike, provider: str, ses
 
 def weight_bytes(*models: LoadedModel) -> int:
     """The models' initializer bytes together (on disk or not): decides the pipeline's workers
-    (:data:`qdiff.pipeline.ONE_WORKER_BYTES`)."""
+    (:data:`qdiff.engine.pipeline.ONE_WORKER_BYTES`)."""
     return sum(initializer_bytes(m.proto) for m in models)
 
 

@@ -39,8 +39,9 @@ import numpy as np
 import onnx
 import pandas as pd
 
-from qdiff import _kernels, metrics, pipeline
-from qdiff.compare import (
+from qdiff import metrics
+from qdiff.engine import kernels as _kernels, pipeline
+from qdiff._compare import (
     Batcher,
     RowFolder,
     _groups_of,
@@ -60,7 +61,7 @@ from qdiff.graph import Graph, ModelLike, layer_macs
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models, no_weight_values
 from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
-from qdiff.runner import (
+from qdiff.engine.sessions import (
     SessionFactory,
     feed_for,
     open_session,
@@ -354,7 +355,7 @@ def sensitivity(
     compiled = _kernels.available()
 
     class Folds:
-        """One worker's accumulators (merged exactly at the end, see qdiff.pipeline)."""
+        """One worker's accumulators (merged exactly at the end, see qdiff.engine.pipeline)."""
 
         def __init__(self, kernel_threads: int | None = None):
             # the table reports no KL: the kernels skip the histograms (60 % of their time)

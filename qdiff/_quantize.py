@@ -530,7 +530,7 @@ def calib_sweep(
     """
     import pandas as pd
 
-    from qdiff.sensitivity import sensitivity
+    from qdiff._sensitivity import sensitivity
 
     loaded = load_model(float_model, role="float model")
     fp = prepare_model(loaded.proto).model

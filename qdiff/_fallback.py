@@ -58,8 +58,8 @@ from qdiff.config import QuantConfig, load_config, save_config
 from qdiff.errors import ModelError, QdiffError, UsageError
 from qdiff.graph import Graph, ModelLike, load_model
 from qdiff.inputs import DataLike, input_specs, make_source
-from qdiff.quantize import calibration_feeds, init_config, prepare_model, quantize
-from qdiff.sensitivity import EvalFn, call_eval, load_eval, sensitivity
+from qdiff._quantize import calibration_feeds, init_config, prepare_model, quantize
+from qdiff._sensitivity import EvalFn, call_eval, load_eval, sensitivity
 from qdiff.units import Unit, fallback_units
 
 __all__ = ["fallback", "FallbackResult", "Target", "parse_target", "HISTORY_COLUMNS"]
@@ -622,7 +622,7 @@ def _cosine_measure(fp: onnx.ModelProto, data: DataLike, samples: int | None) ->
     """Mean final-output cosine of a model against the float model on ``samples`` of ``data``."""
     import onnxruntime as ort
 
-    from qdiff.runner import feed_for
+    from qdiff.engine.sessions import feed_for
 
     specs = input_specs(Graph(fp))
     batches = list(make_source(data, specs, samples=samples))

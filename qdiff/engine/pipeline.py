@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
-from qdiff.runner import available_cpus
+from qdiff.engine.sessions import available_cpus
 
 __all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "workers"]
 

@@ -49,7 +49,7 @@ from qdiff.errors import UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, attr_value, load_model
 from qdiff.inputs import DataLike, DataSource, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import QOP_SPECS, _base_name, _Skeleton, match_models, no_weight_values
-from qdiff.runner import Session, SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, resolve_provider, tap_model
+from qdiff.engine.sessions import Session, SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, resolve_provider, tap_model
 from qdiff.structs import Matching, PairKind, TensorPair
 
 __all__ = [

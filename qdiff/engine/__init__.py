@@ -1,0 +1,1 @@
+"""The measuring engine: sessions, batching, taps, folding and the measuring loop."""
