@@ -19,18 +19,10 @@ from conftest import assert_one_line_error, run_cli, strict_json_load
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType
 
-import qdiff.cli
 from qdiff._diagnose import CHECKS, DiagnoseResult, Finding, diagnose
 from qdiff.errors import UsageError
 
 QDQ_INT8 = dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-
-
-@pytest.fixture(autouse=True)
-def _register_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make ``qdiff diagnose`` / ``qdiff profile`` available whether or not cli.py lists the module yet."""
-    if "qdiff.cli_diagnose" not in qdiff.cli._EXTRA_COMMANDS:
-        monkeypatch.setattr(qdiff.cli, "_EXTRA_COMMANDS", [*qdiff.cli._EXTRA_COMMANDS, "qdiff.cli_diagnose"])
 
 
 def _problems(result: DiagnoseResult, check: str) -> list[Finding]:

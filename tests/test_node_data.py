@@ -19,7 +19,7 @@ import pytest
 from conftest import strict_json_load
 
 import qdiff
-from qdiff.cli_report import add_report_options, check_report_options, write_reports
+from qdiff.cli._common import add_report_options, check_report_options, write_reports
 from qdiff.errors import UsageError
 from qdiff.node_data import node_data, node_keys, write_node_data
 

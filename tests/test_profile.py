@@ -15,17 +15,10 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli, strict_json_load
 
-import qdiff.cli
 from qdiff.graph import Graph, load_model
 from qdiff._profile import LAYER_COLUMNS, _find_node, normalise_name, parse_trace, profile
 
 DIGITS_LAYERS = {"conv1+relu1", "pool1", "conv2+relu2", "pool2", "flatten", "fc1+relu3", "fc2"}
-
-
-@pytest.fixture(autouse=True)
-def _register_commands(monkeypatch: pytest.MonkeyPatch) -> None:
-    if "qdiff.cli_diagnose" not in qdiff.cli._EXTRA_COMMANDS:
-        monkeypatch.setattr(qdiff.cli, "_EXTRA_COMMANDS", [*qdiff.cli._EXTRA_COMMANDS, "qdiff.cli_diagnose"])
 
 
 def _run(ts: float, dur: float) -> dict:

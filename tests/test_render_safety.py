@@ -137,7 +137,7 @@ def test_compare_table_at_80_columns_rounds_numbers_instead_of_cropping(samples_
 def test_fit_table_rounds_0_999895_to_0_9999_at_80_columns():
     from rich.console import Console
 
-    from qdiff.render import Col, FitTable, _num
+    from qdiff.render.tables import Col, FitTable, _num
 
     cols = [Col("layer", text=True, floor=10)] + [Col(f"metric {i}", _num(6, 4)) for i in range(8)]
     table = FitTable("t", cols, [(["a_long_layer_name"] + [0.999895] * 8, None)], levels=2)

@@ -1,0 +1,7 @@
+"""``python -m qdiff.cli``: the ``qdiff`` command."""
+
+import sys
+
+from qdiff.cli import main
+
+sys.exit(main())
