@@ -510,3 +510,56 @@ def test_json_and_csv_round_trip_on_tiny_models(tiny_models, tmp_path, capfd):
     assert doc["meta"]["data"].startswith("random inputs")
     assert "matmul" in out
     assert "NaN" not in j.read_text() and "Infinity" not in j.read_text()
+
+
+# -- layout: one dispatch table, the library never imports the CLI ---------------------------------
+
+
+def test_every_subcommand_is_in_the_one_dispatch_table():
+    import qdiff.cli
+
+    parser = qdiff.cli._build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == list(qdiff.cli.COMMANDS)
+    for name, module in qdiff.cli.COMMANDS.items():
+        assert module.NAME == name and callable(module.add_parser) and callable(module.run), name
+
+
+def test_the_library_never_imports_the_cli():
+    import ast
+
+    root = Path(qdiff.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("cli/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            )
+            offenders += [f"{rel}: {n}" for n in names if n == "qdiff.cli" or n.startswith("qdiff.cli.")]
+    assert offenders == []
+
+
+def test_render_exports_every_result_renderer():
+    import importlib
+    import pkgutil
+
+    import qdiff.render
+    from qdiff.result import Result
+
+    for info in pkgutil.iter_modules(qdiff.__path__, "qdiff."):
+        if not info.name.startswith(("qdiff.cli", "qdiff._ckernels")):
+            importlib.import_module(info.name)
+    wanted = {"compare_renderable", "alignment_renderable", "sensitivity_renderable", "fallback_renderable",
+              "diagnose_renderable", "profile_renderable"}  # fmt: skip
+    assert wanted <= set(qdiff.render.__all__)
+    classes, todo = set(), [Result]
+    while todo:
+        for c in todo.pop().__subclasses__():
+            classes.add(c)
+            todo.append(c)
+    for cls in classes:
+        if cls._renderer:
+            assert cls._renderer in wanted and callable(getattr(qdiff.render, cls._renderer)), cls
