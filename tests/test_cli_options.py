@@ -3,7 +3,6 @@ or a hang (issue 16, item 7). Real models built in code, quantized with onnxrunt
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
