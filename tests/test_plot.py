@@ -280,7 +280,7 @@ def test_results_are_only_read(compare_result):
 
 
 def test_import_plot_does_not_load_matplotlib():
-    code = "import sys, qdiff.plot, qdiff.report_html, qdiff.node_data, qdiff.cli_report; print('matplotlib' in sys.modules)"
+    code = "import sys, qdiff.plot, qdiff.report_html, qdiff.node_data, qdiff.cli._common; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
