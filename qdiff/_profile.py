@@ -4,8 +4,9 @@ A quantized model that runs slower than its float model is a common report (int8
 only on CPUs with fast int8 dot products, and Q/DQ or Cast nodes the runtime cannot fuse cost time
 of their own). ``profile`` runs both models *untapped*, as deployed, with onnxruntime's profiling
 on, and attributes every kernel's time to a float layer; the totals and the faster/slower verdict
-come from separate runs of sessions without profiling (its per-node overhead reversed the verdict
-on a real model: profiled, int8 looked slower; bare onnxruntime ran it 1.4× faster)::
+come from separate runs of sessions without profiling (its per-node overhead can reverse the
+verdict; figures in bench/RESULTS.md). Every session comes from a session factory
+(:mod:`qdiff.engine.sessions`)::
 
     FLOAT ─┐  warmup runs (dropped) + N runs, each model alternately, same inputs
     QUANT ─┘  ─> unprofiled sessions: wall time of each run ─> medians: totals, speedup
@@ -24,6 +25,7 @@ that cannot be placed are counted in rows of their own, so every microsecond is 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -35,20 +37,22 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-import onnx
 import pandas as pd
 
-from qdiff._io import write_atomic
-from qdiff._diagnose import Finding, _Layers
-from qdiff.ops import CONVERSION, RUNTIME_LAYOUT
+from qdiff._diagnose.context import _Layers
+from qdiff._diagnose.findings import Finding, json_safe
+from qdiff.engine.sessions import (
+    Session, SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, resolve_provider,
+)
 from qdiff.errors import DataError, UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import _base_name, _Skeleton, match_models, no_weight_values
-from qdiff.engine.sessions import Session, feed_for, open_session, resolve_provider
+from qdiff.ops import CONVERSION, RUNTIME_LAYOUT
+from qdiff.result import Result, RunInfo, _records
 
 __all__ = ["ProfileResult", "profile", "LAYER_COLUMNS", "parse_trace", "NodeTime"]
 
@@ -84,7 +88,7 @@ class NodeTime:
 
 
 @dataclass
-class ProfileResult:
+class ProfileResult(Result):
     """Per-layer latency of both models.
 
     Attributes:
@@ -115,6 +119,9 @@ class ProfileResult:
     nodes: pd.DataFrame = field(default_factory=pd.DataFrame)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    _renderer: ClassVar[str] = "profile_renderable"
+    _title: ClassVar[str] = "qdiff profile"
+
     def slower(self) -> pd.DataFrame:
         """The layers the quantized model runs slower than the float model, slowest first."""
         df = self.layers[(self.layers["kind"] == "layer") & self.layers["slower"].astype(bool)]
@@ -122,31 +129,18 @@ class ProfileResult:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"layers", "summary", "findings", "nodes", "meta"}``, JSON-safe."""
-        from qdiff._diagnose import _json_safe
-        from qdiff.result import _records
-
         return {
             "layers": _records(self.layers),
-            "summary": _json_safe(self.summary),
+            "summary": json_safe(self.summary),
             "findings": [f.to_dict() for f in self.findings],
             "nodes": _records(self.nodes),
-            "meta": _json_safe(self.meta),
+            "meta": json_safe(self.meta),
         }
 
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_dict` as strict JSON, atomically."""
-        from qdiff.result import _json_default
-
-        write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default))
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write the ``layers`` rows as CSV, atomically."""
-        write_atomic(path, self.layers.to_csv(index=False))
-
     def __rich__(self) -> Any:
-        from qdiff.cli_diagnose import profile_renderable
-
-        return profile_renderable(self)
+        render = importlib.import_module("qdiff.render")  # until the render split lands
+        draw = getattr(render, self._renderer, None) or getattr(importlib.import_module("qdiff.cli_diagnose"), self._renderer)
+        return draw(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +270,7 @@ def profile(
     input_shapes: Mapping[str, Any] | list[str] | None = None,
     provider: str = "CPUExecutionProvider",
     threads: int = 0,
+    session_factory: SessionFactory | None = None,
 ) -> ProfileResult:
     """Profile both models per node with onnxruntime and compare the time per float layer.
 
@@ -289,6 +284,12 @@ def profile(
         input_shapes: shapes of random inputs with dynamic dimensions.
         provider: onnxruntime execution provider.
         threads: intra-op threads (0: onnxruntime's default, every core).
+        session_factory: builds the sessions whose runs are timed for the totals and the verdict
+            (default: onnxruntime on ``provider`` with ``threads``, ``ORT_ENABLE_ALL`` and
+            onnxruntime's own thread spinning and memory pattern, as deployed). The per-layer
+            times need onnxruntime's profiler: those sessions always come from
+            :func:`~qdiff.engine.sessions.default_session_factory` with the same options and
+            profiling on.
 
     Returns:
         A :class:`ProfileResult`. Timings are noisy: compare figures from runs on one machine.
@@ -326,8 +327,10 @@ def profile(
     tmp = tempfile.mkdtemp(prefix="qdiff-profile-")
     notes: list[str] = []
     try:
-        f_sess, n1 = open_session(_profiling_factory(tmp, "float", provider, threads), f_loaded.proto, f_loaded.label)
-        q_sess, n2 = open_session(_profiling_factory(tmp, "quant", provider, threads), q_loaded.proto, q_loaded.label)
+        f_factory = default_session_factory(_session_options(provider, threads, os.path.join(tmp, "float")))
+        q_factory = default_session_factory(_session_options(provider, threads, os.path.join(tmp, "quant")))
+        f_sess, n1 = open_session(f_factory, f_loaded.proto, f_loaded.label)
+        q_sess, n2 = open_session(q_factory, q_loaded.proto, q_loaded.label)
         notes += n1 + n2
         for _ in range(warmup):
             _run(f_sess, runs[0])
@@ -340,10 +343,12 @@ def profile(
         del f_sess, q_sess  # the untimed sessions open next, not beside these
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    # the totals and the verdict: sessions without profiling (its overhead per node reversed the
-    # verdict on a real model), same options, alternating runs, medians
-    f_plain, _ = open_session(_profiling_factory(None, "float", provider, threads), f_loaded.proto, f_loaded.label)
-    q_plain, _ = open_session(_profiling_factory(None, "quant", provider, threads), q_loaded.proto, q_loaded.label)
+    # the totals and the verdict: sessions without profiling (its overhead per node can reverse the
+    # verdict), same options, alternating runs, medians
+    if session_factory is None:
+        session_factory = default_session_factory(_session_options(provider, threads))
+    f_plain, _ = open_session(session_factory, f_loaded.proto, f_loaded.label)
+    q_plain, _ = open_session(session_factory, q_loaded.proto, q_loaded.label)
     f_wall, q_wall = _time_runs(f_plain, q_plain, runs, warmup)
     del f_plain, q_plain
     f_nodes, f_runs = parse_trace(f_trace, skip_runs=warmup)
@@ -375,22 +380,13 @@ def _timed_run(sess: Session, feed: Mapping[str, np.ndarray]) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def _profiling_factory(folder: str | None, prefix: str, provider: str, threads: int) -> Any:
-    """Sessions as ``profile`` opens them: profiling into ``folder``, or off when it is None."""
-    import onnxruntime as ort
-
-    def factory(model: onnx.ModelProto) -> Session:
-        so = ort.SessionOptions()
-        if folder is not None:
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(folder, prefix)
-        so.intra_op_num_threads = threads
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        return ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=providers)
-
-    return factory
+def _session_options(provider: str, threads: int, profile_prefix: str | None = None) -> SessionOptions:
+    """How ``profile`` opens sessions: as deployed (onnxruntime's own spinning and memory pattern),
+    every graph optimization, the profiler on when ``profile_prefix`` is given."""
+    return SessionOptions(
+        provider=provider, intra_op_threads=threads, graph_optimization="ORT_ENABLE_ALL", allow_spinning=True,
+        mem_pattern=True, profile_prefix=profile_prefix,
+    )  # fmt: skip
 
 
 def _run(sess: Session, batch: Mapping[str, np.ndarray]) -> None:
@@ -598,24 +594,13 @@ def _meta(
     f: LoadedModel, q: LoadedModel, source: Any, provider: str, threads: int, warmup: int, samples: int, seed: int,
     notes: list[str], seconds: float,
 ) -> dict[str, Any]:  # fmt: skip
-    import onnxruntime as ort
-
-    from qdiff import __version__
-
+    """RunInfo's keys, then profile's own (``samples`` is RunInfo's: the distinct samples read)."""
     return {
-        "qdiff_version": __version__,
-        "onnx_version": onnx.__version__,
-        "onnxruntime_version": ort.__version__,
-        "python_version": platform.python_version(),
+        **RunInfo.collect(f, q, source, seed).to_meta(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "float_model": {"name": f.label, "path": str(f.path) if f.path else None, "sha256": f.sha256},
-        "quant_model": {"name": q.label, "path": str(q.path) if q.path else None, "sha256": q.sha256},
-        "data": source.description,
-        "data_sha256": source.fingerprint(),
         "distinct_samples": source.samples,
         "runs": samples,
         "warmup": warmup,
-        "seed": seed,
         "provider": provider,
         "intra_op_threads": threads,
         "graph_optimization": "ORT_ENABLE_ALL",

@@ -493,3 +493,30 @@ def test_cli_diagnose_exit_codes_and_json(conv, tmp_path, capfd):
     assert_one_line_error(rc, err, "missing.onnx")
     rc, _, err = run_cli(["diagnose", edited, "--json", tmp_path / "no" / "such" / "x.json"], capfd)
     assert_one_line_error(rc, err, "--json")
+
+
+def test_checks_return_their_findings_tables_and_figures(conv):
+    """Each check returns a CheckOutput; diagnose collects the tables and figures from them."""
+    import inspect
+
+    from qdiff._diagnose.findings import CheckOutput
+    from qdiff.result import Result
+
+    result = diagnose(conv["nopool"], conv["float"], checks=["coverage", "conversions"])
+    assert isinstance(result, Result) and list(result.table().columns) == ["check", "severity", "layer", "message", "suggestion"]
+    assert list(result.tables) == ["coverage", "weights", "conversions"]
+    assert set(result.meta["stats"]) == {"coverage", "conversions"}
+    assert result.meta["quant_model"]["bytes"] > 0 and result.meta["samples"] == 0 and result.meta["random_inputs"]
+    for check in CHECKS.values():
+        assert inspect.signature(check.func).return_annotation in ("CheckOutput", CheckOutput), check.name
+
+
+def test_library_modules_do_not_import_the_cli():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qdiff._diagnose, qdiff._profile; "
+        "bad = [m for m in sys.modules if m.startswith('qdiff.cli') or m == 'rich']; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

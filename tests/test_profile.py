@@ -171,3 +171,26 @@ def test_cli_profile(samples_dir, tmp_path, capfd):
     assert_one_line_error(rc, err, "--samples")
     rc, _, err = run_cli(["profile", samples_dir / "digits_cnn.float.onnx", Path(tmp_path) / "nope.onnx"], capfd)
     assert_one_line_error(rc, err, "nope.onnx")
+
+
+def test_profile_times_the_injected_session_factory(samples_dir):
+    """The timed sessions (totals and verdict) come from the injected factory; the profiled ones
+    from the default factory with profiling on. The result is a Result: CSV of the layers."""
+    from qdiff.engine.sessions import SessionOptions, default_session_factory
+    from qdiff.result import Result
+
+    built: list[str] = []
+    inner = default_session_factory(SessionOptions(intra_op_threads=1))
+
+    def factory(model):
+        built.append(model.graph.name)
+        return inner(model)
+
+    result = profile(
+        samples_dir / "digits_cnn.float.onnx", samples_dir / "digits_cnn.qoperator.onnx", samples=2, warmup=0, threads=1,
+        session_factory=factory,
+    )  # fmt: skip
+    assert len(built) == 2  # the float and the quantized timing session, nothing else
+    assert result.summary["float_total_us"] > 0 and result.summary["float_kernel_us"] > 0
+    assert isinstance(result, Result) and result.table() is result.layers
+    assert result.meta["runs"] == 2 and result.meta["samples"] == 2 and "numpy_version" in result.meta

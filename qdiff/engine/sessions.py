@@ -76,20 +76,26 @@ class SessionOptions:
         provider: onnxruntime execution provider name (aliases such as ``cuda`` accepted).
         intra_op_threads: threads per operator; 0 lets onnxruntime use every core.
         graph_optimization: onnxruntime graph optimization level name (``ORT_ENABLE_ALL`` ...).
+        allow_spinning: let idle onnxruntime threads spin (onnxruntime's default; off for measuring).
+        mem_pattern: onnxruntime's memory pattern (its default; off for measuring).
+        profile_prefix: turn onnxruntime's profiler on, writing its trace to files starting with this.
     """
 
     provider: str = "CPUExecutionProvider"
     intra_op_threads: int = 0
     graph_optimization: str = "ORT_ENABLE_ALL"
     extra: dict[str, Any] = field(default_factory=dict)
+    allow_spinning: bool = False
+    mem_pattern: bool = False
+    profile_prefix: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "provider": self.provider,
             "intra_op_threads": self.intra_op_threads,
             "graph_optimization": self.graph_optimization,
-            "allow_spinning": False,
-            "mem_pattern": False,
+            "allow_spinning": self.allow_spinning,
+            "mem_pattern": self.mem_pattern,
             **self.extra,
         }
 
@@ -132,11 +138,15 @@ def default_session_factory(options: SessionOptions | None = None) -> SessionFac
         # no memory pattern: qdiff's sessions return many tapped tensors, run concurrently from
         # its worker threads and see several batch sizes; the per-shape pattern blocks cost
         # 12-15 MB of peak memory on the 50-conv CNN and no measurable time
-        so.enable_mem_pattern = False
+        so.enable_mem_pattern = options.mem_pattern
         # qdiff alternates onnxruntime runs with numpy work on the same cores: threads spinning
         # while waiting for the next run steal that time (measured 3x slower on 2 cores)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        spin = "1" if options.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        if options.profile_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = options.profile_prefix
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
         folder = external_dir(model)
         if folder is not None:  # weights left on disk by load_model: onnxruntime reads them there
