@@ -511,9 +511,9 @@ def _bisect(loop: _Loop, current: frozenset, ranking: list[str], rnd: int, deadl
 
     Doubling (1, 2, 4, ... units) until the target holds, then a binary search between the last
     two counts: O(log n) quantize-and-measure steps. A task metric is neither smooth nor monotone
-    in k (on PP-OCRv4 4 units in float measured worse than 1), so nothing is assumed from a
-    trial but its own result: the best model so far is tracked separately, and the next round
-    starts from it.
+    in k (more units in float can measure worse than fewer; an example in bench/RESULTS.md), so
+    nothing is assumed from a trial but its own result: the best model so far is tracked
+    separately, and the next round starts from it.
     """
 
     def trial(k: int) -> bool:

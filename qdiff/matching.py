@@ -495,7 +495,7 @@ class _Skeleton:
 def no_weight_values(pair: WeightPair) -> dict:
     """``weigh`` for :func:`match_models` where the weights' values are not needed (every caller
     but compare): they are dropped as they are found instead of all held until the matching ends
-    (on a 2 GB model, 4 GB of float weights and their dequantized twins)."""
+    (the float weights and their dequantized twins: twice the model's weight bytes)."""
     return {}
 
 

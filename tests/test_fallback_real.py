@@ -19,10 +19,8 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qdiff import fallback, init_config, quantize, sensitivity
 from qdiff.cli import main
-from qdiff._fallback import fallback
-from qdiff._quantize import init_config, quantize
-from qdiff._sensitivity import sensitivity
 from qdiff.units import fallback_units
 
 OPSET = 12
