@@ -54,14 +54,14 @@ import pandas as pd
 
 from qdiff import metrics
 from qdiff._io import write_atomic, write_bytes_atomic
-from qdiff.config import QuantConfig, load_config, save_config
-from qdiff.errors import ModelError, QdiffError, UsageError
-from qdiff.result import Result, _json_value, _records
-from qdiff.graph import Graph, ModelLike, load_model
-from qdiff.inputs import DataLike, input_specs, make_source
 from qdiff._quantize import calibration_feeds, init_config, prepare_model, quantize
 from qdiff._sensitivity import EvalFn, call_eval, load_eval, sensitivity
+from qdiff.config import QuantConfig, load_config, save_config
 from qdiff.engine.sessions import SessionFactory, SessionOptions, default_session_factory, feed_for
+from qdiff.errors import ModelError, QdiffError, UsageError
+from qdiff.graph import Graph, ModelLike, load_model
+from qdiff.inputs import DataLike, input_specs, make_source
+from qdiff.result import Result, _json_value, _records
 from qdiff.units import Unit, fallback_units
 
 __all__ = ["fallback", "FallbackResult", "Target", "parse_target", "HISTORY_COLUMNS"]

@@ -42,12 +42,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdiff.config import QuantConfig, LayerConfig
-from qdiff.ops import QUANTIZABLE_OPS, WEIGHT_INPUT, weight_channel_axis
+from qdiff._io import write_bytes_atomic
+from qdiff.config import LayerConfig, QuantConfig
 from qdiff.engine.sessions import SessionFactory, SessionOptions, default_session_factory
 from qdiff.errors import QdiffError, UsageError
-from qdiff.graph import Graph, ModelLike, default_opset, initializer_bytes, load_model, node_label, save_with_data, with_opset
+from qdiff.graph import (
+    Graph, ModelLike, attr_value, default_opset, initializer_bytes, load_model, node_label, save_with_data, with_opset,
+)  # fmt: skip
 from qdiff.inputs import DataLike, input_specs, make_source
+from qdiff.ops import QUANTIZABLE_OPS, WEIGHT_INPUT, weight_channel_axis
 from qdiff.passes import PassResult
 
 __all__ = ["quantize", "calib_sweep", "export_skip_list", "calibrate_ranges", "QuantizeReport", "prepare_model", "init_config", "quantizable_layers", "QUANTIZABLE_OPS"]
@@ -288,8 +291,6 @@ def quantize(
         qm = onnx.load(dst)
         if qm.ir_version > _IR_FOR_QUANTIZER:
             qm.ir_version = _IR_FOR_QUANTIZER
-        from qdiff._io import write_bytes_atomic
-
         data = qm.SerializeToString()
         _check_loads(check, qm, loaded.label)
         write_bytes_atomic(out_path, data)
@@ -352,8 +353,6 @@ def _quiet_root_logger():
 
 def _weight_axis(g: Graph, layer: str) -> int:
     """The axis onnxruntime's quantizer uses by default for a layer's per-channel weight."""
-    from qdiff.graph import attr_value
-
     node = next(n for n in g.nodes if n.name == layer)
     return weight_channel_axis(node.op_type, 1, 2, attr_value(node, "transB", 0), convention="onnxruntime")
 
