@@ -54,12 +54,14 @@ import pandas as pd
 
 from qdiff import metrics
 from qdiff._io import write_atomic, write_bytes_atomic
+from qdiff._quantize import calibration_feeds, init_config, prepare_model, quantize
+from qdiff._sensitivity import EvalFn, call_eval, load_eval, sensitivity
 from qdiff.config import QuantConfig, load_config, save_config
+from qdiff.engine.sessions import SessionFactory, SessionOptions, default_session_factory, feed_for
 from qdiff.errors import ModelError, QdiffError, UsageError
 from qdiff.graph import Graph, ModelLike, load_model
 from qdiff.inputs import DataLike, input_specs, make_source
-from qdiff._quantize import calibration_feeds, init_config, prepare_model, quantize
-from qdiff._sensitivity import EvalFn, call_eval, load_eval, sensitivity
+from qdiff.result import Result, _json_value, _records
 from qdiff.units import Unit, fallback_units
 
 __all__ = ["fallback", "FallbackResult", "Target", "parse_target", "HISTORY_COLUMNS"]
@@ -119,7 +121,7 @@ def parse_target(text: str) -> Target:
 
 
 @dataclass
-class FallbackResult:
+class FallbackResult(Result):
     """What the loop ended with.
 
     Attributes:
@@ -146,17 +148,55 @@ class FallbackResult:
     units: int = 0
     tried: list[str] = field(default_factory=list)
 
-    def __rich__(self) -> Any:
-        from qdiff.render import fallback_renderable
+    _renderer = "fallback_renderable"
+    _title = "qdiff fallback"
 
-        return fallback_renderable(self)
+    def table(self) -> pd.DataFrame:
+        """The history: one row per model measured (what ``to_csv`` writes)."""
+        return self.history
+
+    def to_dict(self) -> dict[str, Any]:
+        """The outcome, the config as a dict, the history records and the baseline, JSON-safe."""
+        return {
+            "reached": bool(self.reached),
+            "metric": _json_value(self.metric),
+            "float_layers": list(self.float_layers),
+            "float_params": int(self.float_params),
+            "config": self.config.to_dict() if self.config is not None else None,
+            "model_path": str(self.model_path) if self.model_path is not None else None,
+            "history": _records(self.history),
+            "baseline": _json_safe(self.baseline),
+            "units": int(self.units),
+            "tried": list(self.tried),
+        }
+
+
+def _json_safe(v: Any) -> Any:
+    """``v`` with NaN as None and numpy scalars as Python numbers, through dicts and lists."""
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return _json_value(v)
+
+
+class _Runtime:
+    """Where the loop runs onnxruntime: the provider (the quantizer's load checks, the ranking)
+    and the session factory of the measurements (the default one on ``provider`` unless given)."""
+
+    def __init__(self, provider: str = "CPUExecutionProvider", session_factory: SessionFactory | None = None):
+        self.provider = provider
+        self.session_factory = session_factory
+        self.factory = session_factory or default_session_factory(SessionOptions(provider=provider))
 
 
 class _Loop:
     """Quantize-and-measure with a cache, the history, the best so far, and OUTDIR kept current."""
 
-    def __init__(self, fp, units: list[Unit], base: QuantConfig, feeds, measure, proxy, target: Target, outdir: Path | None, progress):
+    def __init__(self, fp, units: list[Unit], base: QuantConfig, feeds, measure, proxy, target: Target, outdir: Path | None, progress,
+                 runtime: _Runtime | None = None):  # fmt: skip
         self.fp, self.feeds, self.measure, self.proxy, self.target = fp, feeds, measure, proxy, target
+        self.runtime = runtime or _Runtime()
         self.units = {u.name: u for u in units}
         unit_nodes = {n for u in units for n in u.nodes}
         self.base = base
@@ -199,7 +239,10 @@ class _Loop:
         """The quantized model of ``floats`` (made once)."""
         if floats not in self.paths:
             path = self.tmp / f"candidate_{len(self.paths)}.onnx"
-            report = quantize(self.fp, self.config(floats), None, path, feeds=self.feeds, calibration_cache=self.calibration)
+            report = quantize(
+                self.fp, self.config(floats), None, path, feeds=self.feeds, calibration_cache=self.calibration,
+                provider=self.runtime.provider,
+            )  # fmt: skip
             self.reports[floats] = report
             self.paths[floats] = path
         return self.paths[floats]
@@ -304,6 +347,8 @@ def fallback(
     gain_candidates: int = GAIN_CANDIDATES,
     time_budget: float | None = None,
     progress: Callable[[int, float | None], None] | None = None,
+    provider: str = "CPUExecutionProvider",
+    session_factory: SessionFactory | None = None,
 ) -> FallbackResult:
     """Keep as few units in float as possible so that ``target`` holds.
 
@@ -328,9 +373,13 @@ def fallback(
             then tried one at a time.
         time_budget: seconds after which no further unit is tried (the prune still runs).
         progress: called as ``progress(models_measured, last_metric)``.
+        provider: onnxruntime execution provider of the measurements (ignored for them when
+            ``session_factory`` is given; the quantizer's load check of each candidate uses it).
+        session_factory: builds a session from a ModelProto (as :func:`qdiff.compare`'s); the
+            cosine measurements and the ranking run on its sessions.
 
     Raises:
-        UsageError, ModelError, DataError, EvalError: before OUTDIR is created or touched.
+        UsageError, ModelError, DataError, EvalError, ProviderError: before OUTDIR is created or touched.
     """
     target = parse_target(target) if isinstance(target, str) else target
     if max_float_layers is not None and max_float_layers < 0:
@@ -342,9 +391,10 @@ def fallback(
     eval_fn = load_eval(eval)
     if target.kind == "metric_drop" and eval_fn is None:
         raise UsageError("--target metric_drop<=... needs --eval MODULE:FUNCTION")
+    runtime = _Runtime(provider, session_factory)
     loaded = load_model(float_model, role="float model")
     fp = prepare_model(loaded.proto).model
-    _check_loads(fp, loaded.label)
+    _check_loads(runtime.factory, fp, loaded.label)
     out = Path(outdir) if outdir is not None else None
     history = None
     if resume:
@@ -374,7 +424,7 @@ def fallback(
         raise UsageError(f"{loaded.label} has no Conv, ConvTranspose, Gemm or MatMul layer to keep in float")
     feeds = calibration_feeds(fp, calib, base.batch_num)
     eval_source = eval_data if eval_data is not None else calib
-    proxy = _cosine_measure(fp, eval_source, samples)
+    proxy = _cosine_measure(fp, eval_source, samples, runtime.factory)
     if target.kind == "metric_drop":
         float_metric = _float_metric(fp, eval_fn)  # the user's function runs once before OUTDIR exists
         measure = _drop_measure(eval_fn, float_metric)
@@ -383,7 +433,7 @@ def fallback(
     created = out is not None and not out.exists()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    loop = _Loop(fp, units, base, feeds, measure, proxy, target, out, progress)
+    loop = _Loop(fp, units, base, feeds, measure, proxy, target, out, progress, runtime)
     if max_float_layers is not None:
         loop.limit = max_float_layers
     try:
@@ -461,9 +511,9 @@ def _bisect(loop: _Loop, current: frozenset, ranking: list[str], rnd: int, deadl
 
     Doubling (1, 2, 4, ... units) until the target holds, then a binary search between the last
     two counts: O(log n) quantize-and-measure steps. A task metric is neither smooth nor monotone
-    in k (on PP-OCRv4 4 units in float measured worse than 1), so nothing is assumed from a
-    trial but its own result: the best model so far is tracked separately, and the next round
-    starts from it.
+    in k (more units in float can measure worse than fewer; an example in bench/RESULTS.md), so
+    nothing is assumed from a trial but its own result: the best model so far is tracked
+    separately, and the next round starts from it.
     """
 
     def trial(k: int) -> bool:
@@ -536,7 +586,10 @@ def _rank(loop: _Loop, current: frozenset, eval_source, samples, gain_candidates
        first), then the rest by isolated error.
     """
     model = loop.model(current)
-    result = sensitivity(loop.fp, str(model), data=eval_source, samples=min(samples or 16, 16), gain=False)
+    result = sensitivity(
+        loop.fp, str(model), data=eval_source, samples=min(samples or 16, 16), gain=False,
+        provider=loop.runtime.provider, session_factory=loop.runtime.session_factory,
+    )  # fmt: skip
     unit_of = {n: u.name for u in loop.units.values() for n in u.nodes}
     noise: dict[str, float] = {}
     for rec in result.layers[["layer", "isolated_sqnr_db"]].to_dict("records"):
@@ -581,13 +634,9 @@ def _first_last(units: list[Unit]) -> list[str]:
     return list(dict.fromkeys([weighted[0], weighted[-1]]))
 
 
-def _check_loads(model: onnx.ModelProto, label: str) -> None:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
+def _check_loads(factory: SessionFactory, model: onnx.ModelProto, label: str) -> None:
     try:
-        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        factory(model)
     except Exception as exc:  # noqa: BLE001 - onnxruntime's reason is the message
         raise ModelError(f"onnxruntime cannot load {label}: {str(exc).strip().splitlines()[0][:300]}") from None
 
@@ -618,24 +667,19 @@ def _drop_measure(eval_fn: EvalFn, float_metric: float) -> Callable[[str], float
     return drop
 
 
-def _cosine_measure(fp: onnx.ModelProto, data: DataLike, samples: int | None) -> Callable[[str], float]:
-    """Mean final-output cosine of a model against the float model on ``samples`` of ``data``."""
-    import onnxruntime as ort
-
-    from qdiff.engine.sessions import feed_for
-
+def _cosine_measure(fp: onnx.ModelProto, data: DataLike, samples: int | None, factory: SessionFactory) -> Callable[[str], float]:
+    """Mean final-output cosine of a model against the float model on ``samples`` of ``data``
+    (sessions from ``factory``)."""
     specs = input_specs(Graph(fp))
     batches = list(make_source(data, specs, samples=samples))
     if not batches:
         raise UsageError("the evaluation data holds no samples")
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    fs = ort.InferenceSession(fp.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    fs = factory(fp)
     refs = [fs.run(None, feed_for(fs, b)) for b in batches]
 
     def cosine(path: str) -> float:
         try:
-            qs = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            qs = factory(onnx.load(path))
         except Exception as exc:  # noqa: BLE001
             raise QdiffError(f"onnxruntime cannot load the candidate {Path(path).name}: {str(exc).splitlines()[0][:300]}") from None
         accs = None

@@ -42,11 +42,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdiff.config import QuantConfig, LayerConfig
-from qdiff.ops import QUANTIZABLE_OPS, WEIGHT_INPUT, weight_channel_axis
+from qdiff._io import write_bytes_atomic
+from qdiff.config import LayerConfig, QuantConfig
+from qdiff.engine.sessions import SessionFactory, SessionOptions, default_session_factory
 from qdiff.errors import QdiffError, UsageError
-from qdiff.graph import Graph, ModelLike, default_opset, initializer_bytes, load_model, node_label, save_with_data, with_opset
+from qdiff.graph import (
+    Graph, ModelLike, attr_value, default_opset, initializer_bytes, load_model, node_label, save_with_data, with_opset,
+)  # fmt: skip
 from qdiff.inputs import DataLike, input_specs, make_source
+from qdiff.ops import QUANTIZABLE_OPS, WEIGHT_INPUT, weight_channel_axis
 from qdiff.passes import PassResult
 
 __all__ = ["quantize", "calib_sweep", "export_skip_list", "calibrate_ranges", "QuantizeReport", "prepare_model", "init_config", "quantizable_layers", "QUANTIZABLE_OPS"]
@@ -192,6 +196,7 @@ def quantize(
     seed: int = 0,
     feeds: list[dict[str, np.ndarray]] | None = None,
     calibration_cache: str | os.PathLike[str] | None = None,
+    provider: str = "CPUExecutionProvider",
 ) -> QuantizeReport:
     """Quantize ``float_model`` as ``config`` says, with onnxruntime's ``quantize_static``.
 
@@ -208,12 +213,17 @@ def quantize(
             versions). The ranges depend only on the float model, the data and the calibration
             method, not on which layers are excluded, so the fallback loop calibrates once. The
             caller owns the file: a cache from other data or another model gives wrong ranges.
+        provider: the onnxruntime execution provider that must load the quantized model (the
+            check before it is written).
 
     Raises:
         UsageError: the config names layers the model does not have.
         QdiffError: onnxruntime's quantizer failed; the message has its reason.
+        ProviderError: ``provider`` is not available.
     """
     from onnxruntime.quantization import QuantFormat, quantize_static
+
+    check = _load_check_factory(provider)
 
     loaded = load_model(float_model, role="float model")
     prep = prepare_model(loaded.proto)
@@ -281,10 +291,8 @@ def quantize(
         qm = onnx.load(dst)
         if qm.ir_version > _IR_FOR_QUANTIZER:
             qm.ir_version = _IR_FOR_QUANTIZER
-        from qdiff._io import write_bytes_atomic
-
         data = qm.SerializeToString()
-        _check_loads(data, loaded.label)
+        _check_loads(check, qm, loaded.label)
         write_bytes_atomic(out_path, data)
     report = QuantizeReport(
         path=out_path,
@@ -314,15 +322,15 @@ def _cache_kwargs(path: str | os.PathLike[str] | None, act: dict[str, Any]) -> d
     return {"calibration_cache_path": p.with_name(f"{p.stem}.{key}{p.suffix}")}
 
 
-def _check_loads(data: bytes, label: str) -> None:
-    """onnxruntime must load what the quantizer wrote before anyone is handed it."""
-    import onnxruntime as ort
+def _load_check_factory(provider: str) -> SessionFactory:
+    """Sessions that only check a model loads: no graph optimisation (loading is the question)."""
+    return default_session_factory(SessionOptions(provider=provider, graph_optimization="ORT_DISABLE_ALL"))
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+def _check_loads(factory: SessionFactory, model: onnx.ModelProto, label: str) -> None:
+    """onnxruntime must load what the quantizer wrote before anyone is handed it."""
     try:
-        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        factory(model)
     except Exception as exc:  # noqa: BLE001 - whatever onnxruntime says is the reason
         raise QdiffError(
             f"onnxruntime's quantizer wrote a model of {label} that onnxruntime cannot load: "
@@ -345,8 +353,6 @@ def _quiet_root_logger():
 
 def _weight_axis(g: Graph, layer: str) -> int:
     """The axis onnxruntime's quantizer uses by default for a layer's per-channel weight."""
-    from qdiff.graph import attr_value
-
     node = next(n for n in g.nodes if n.name == layer)
     return weight_channel_axis(node.op_type, 1, 2, attr_value(node, "transB", 0), convention="onnxruntime")
 
@@ -520,8 +526,13 @@ def calib_sweep(
     methods: tuple[str, ...] = ("MinMax", "Entropy", "Percentile", "Distribution"),
     eval_data: DataLike = None,
     samples: int | None = 32,
+    provider: str = "CPUExecutionProvider",
+    session_factory: SessionFactory | None = None,
 ) -> tuple[QuantConfig, "Any", list[str]]:
     """Quantize with each calibration method, compare per layer, keep the best method per layer.
+
+    ``provider`` and ``session_factory`` say where the comparisons run, as in
+    :func:`qdiff.sensitivity` (the quantizer's load check uses ``provider``).
 
     Returns:
         The config (default method = the best overall; per-layer overrides where another method
@@ -545,8 +556,11 @@ def calib_sweep(
             cfg.activation_quant_params["calibration_method"] = method
             path = os.path.join(tmp, f"{method}.onnx")
             try:
-                quantize(fp, cfg, None, path, feeds=feeds)
-                result = sensitivity(fp, path, data=eval_data if eval_data is not None else calib, samples=samples, gain=False)
+                quantize(fp, cfg, None, path, feeds=feeds, provider=provider)
+                result = sensitivity(
+                    fp, path, data=eval_data if eval_data is not None else calib, samples=samples, gain=False,
+                    provider=provider, session_factory=session_factory,
+                )  # fmt: skip
             except QdiffError as exc:
                 notes.append(f"{method}: failed ({exc})")
                 continue

@@ -164,7 +164,7 @@ class QuantConfig:
         return cls(batch_num, fmt, act, wgt, layers)
 
 
-#: a config larger than this is not one (an init config of a 10k-layer model is ~0.5 MB)
+#: a config larger than this is not one (far above the init config of the largest model; size in bench/RESULTS.md)
 MAX_CONFIG_BYTES = 64 << 20
 #: calibration samples a config may ask for
 MAX_BATCH_NUM = 1_000_000

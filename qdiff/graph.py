@@ -37,10 +37,10 @@ EXTERNAL_DIR_KEY = "qdiff.external_data_dir"
 #: models whose external data is larger than this keep it on disk: onnxruntime reads it from
 #: the folder, qdiff reads single tensors when it needs them, and protobuf's 2 GB limit on a
 #: serialized model never applies (smaller external data is loaded into the proto). Loaded into
-#: the proto, a 0.5 GB int8 model cost 0.5 GB in Python and 1 GB in its session (built from the
-#: serialized bytes) instead of 0.5 GB: measured on bench/big_model.py, compare's peak went
-#: 6.3 -> 3.8 GB and its time 22 -> 15 s with 1 GiB -> 256 MiB here. compare's fused-graph taps
-#: stop at the same size (compare._PREFUSE_MAX_BYTES), so no model loses them.
+#: the proto, the weights are held in Python and twice in a session built from the serialized
+#: bytes, which costs more peak memory and time than reading them from disk (figures in
+#: bench/RESULTS.md). compare's fused-graph taps stop at the same size
+#: (compare._PREFUSE_MAX_BYTES), so no model loses them.
 KEEP_EXTERNAL_BYTES = 256 << 20
 #: constant values up to this size are cached by Graph.const_value
 _CACHE_MAX_BYTES = 16 << 20
@@ -438,7 +438,7 @@ _SKELETON_BYTES = 1 << 16
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model's graph after onnx's shape inference, run on a copy whose large initializers keep
     their names, types and shapes but no data (marked external): inferring on the model itself
-    copied every weight (0.5 GB more for a 0.5 GB model) and was impossible above 2 GB. Shapes that
+    copied every weight (as many bytes again as the model) and was impossible above 2 GB. Shapes that
     depend on a large constant's values are not inferred; nothing in qdiff needs those. The model as
     given where inference fails."""
     skeleton = onnx.ModelProto()

@@ -495,7 +495,7 @@ class _Skeleton:
 def no_weight_values(pair: WeightPair) -> dict:
     """``weigh`` for :func:`match_models` where the weights' values are not needed (every caller
     but compare): they are dropped as they are found instead of all held until the matching ends
-    (on a 2 GB model, 4 GB of float weights and their dequantized twins)."""
+    (the float weights and their dequantized twins: twice the model's weight bytes)."""
     return {}
 
 
@@ -1191,6 +1191,13 @@ def _subgraph_nodes(g: onnx.GraphProto, prefix: str) -> list[tuple[str, str]]:
 
 
 def _channel_axis(node: onnx.NodeProto, pos: int, ndim: int) -> int | None:
+    """The axis the weights table takes a weight's channels along (its worst channel).
+
+    A constant first input of MatMul is read along its last axis, as a weight is (not along the
+    output axis :func:`qdiff.ops.weight_channel_axis` gives it), so the table's channels are the
+    ones it always reported."""
+    if node.op_type == "MatMul" and pos == 0 and ndim >= 2:
+        return ndim - 1
     return weight_channel_axis(node.op_type, pos, ndim, attr_value(node, "transB", 0))
 
 

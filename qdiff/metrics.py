@@ -229,7 +229,8 @@ def _histogram(
     ``bins``) folded into the last bin.  With ``half`` (the true width
     overflowed) ``width`` is the half width and ``x / 2 - lo / 2`` is binned
     instead, which is exact for normal numbers.  Works in cache-sized chunks
-    with reused buffers, which avoids full-size temporaries (~2x faster).
+    with reused buffers, which avoids full-size temporaries (faster; figures in
+    bench/RESULTS.md).
     """
     n = x.size
     counts = np.zeros(bins + 1, dtype=np.intp)
@@ -811,7 +812,8 @@ class TensorAccumulator:
 
     def __init__(self, kl: bool = True) -> None:
         """``kl=False``: KL is not reported (``kl``/``kl_worst`` None) and callers may fold in
-        rows whose KL was not computed (the compiled kernels with ``bins=0``: 60 % less work)."""
+        rows whose KL was not computed (the compiled kernels with ``bins=0``, which then skip the
+        histograms, most of their work)."""
         self._with_kl = kl
         self._samples = 0
         self._scored = 0

@@ -13,11 +13,8 @@ from builders import conv_feeds, conv_net
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+from qdiff import QuantConfig, UsageError, calib_sweep, export_skip_list, fallback, init_config, load_config, quantize, save_config
 from qdiff.cli import main
-from qdiff.config import QuantConfig, load_config, save_config
-from qdiff.errors import UsageError
-from qdiff._fallback import fallback
-from qdiff._quantize import calib_sweep, export_skip_list, init_config, quantize
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 FLOAT = SAMPLES / "digits_cnn.float.onnx"

@@ -19,10 +19,8 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qdiff import fallback, init_config, quantize, sensitivity
 from qdiff.cli import main
-from qdiff._fallback import fallback
-from qdiff._quantize import init_config, quantize
-from qdiff._sensitivity import sensitivity
 from qdiff.units import fallback_units
 
 OPSET = 12
@@ -295,3 +293,67 @@ def test_an_eval_that_fails_on_the_first_candidate_leaves_no_empty_outdir(paddle
     err = capsys.readouterr().err
     assert rc == 2 and "raised KeyError: 'labels' on candidate" in err.splitlines()[0]
     assert "flaky.py" in err and not out.exists()
+
+
+def test_fallback_measures_on_the_session_factory_it_is_given(paddle, tmp_path):
+    from qdiff.engine.sessions import default_session_factory
+
+    f, calib = paddle
+    default = default_session_factory()
+    built = []
+
+    def factory(model):
+        built.append(model.graph.name)
+        return default(model)
+
+    kw = dict(target="cosine>=0.9999", max_float_layers=2, samples=4, max_rounds=1, gain_candidates=2)
+    r = fallback(f, calib, session_factory=factory, **kw)
+    assert len(built) >= len(r.history) + 1  # the float model, every candidate, the ranking's sessions
+    plain = fallback(f, calib, provider="cpu", **kw)  # an alias, as compare takes it
+    assert r.float_layers == plain.float_layers
+    assert list(r.history["metric"]) == pytest.approx(list(plain.history["metric"]))
+
+
+def test_fallback_refuses_an_unknown_provider_before_outdir(paddle, tmp_path):
+    from qdiff import ProviderError
+
+    f, calib = paddle
+    with pytest.raises(ProviderError):
+        fallback(f, calib, target="cosine>=0.99", provider="NoSuchExecutionProvider", outdir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ProviderError):
+        quantize(f, init_config(f), calib, tmp_path / "q.onnx", provider="NoSuchExecutionProvider")
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_fallback_result_is_a_result_with_strict_json(tmp_path):
+    from qdiff import FallbackResult, QuantConfig
+    from qdiff._fallback import HISTORY_COLUMNS
+    from qdiff.result import Result
+
+    history = pd.DataFrame(
+        [[0, "start", "", 0, 0, "", float("nan"), False, 10, 0.1, "", "ab"],
+         [1, "bisect k=1", "fc1", 1, 2000, "+fc1", 0.9996, True, 12, 0.2, "", "cd"]],
+        columns=HISTORY_COLUMNS,
+    )  # fmt: skip
+    cfg = QuantConfig().with_disabled({"fc1"})
+    r = FallbackResult(True, np.float64(0.9996), ["fc1"], 2000, cfg, tmp_path / "model.int8.onnx", history,
+                       {"metric": float("nan"), "float_layers": ["fc1"], "notes": []}, 3, ["fc1"])  # fmt: skip
+    assert isinstance(r, Result) and r.table() is history
+    r.to_json(tmp_path / "r.json")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert set(doc) == {"reached", "metric", "float_layers", "float_params", "config", "model_path", "history", "baseline", "units", "tried"}
+    assert doc["metric"] == pytest.approx(0.9996) and doc["history"][0]["metric"] is None and doc["baseline"]["metric"] is None
+    assert doc["config"] == cfg.to_dict() and doc["model_path"] == str(tmp_path / "model.int8.onnx")
+    assert len(doc["history"]) == 2 and doc["history"][1]["target_met"] is True
+    r.to_csv(tmp_path / "h.csv")
+    assert list(pd.read_csv(tmp_path / "h.csv").columns) == HISTORY_COLUMNS
+    assert "qdiff fallback" in r._repr_html_()
+    # a result built without a config or OUTDIR (as the renderers' tests do)
+    bare = FallbackResult(False, None, [], 0, None, None, history)
+    assert json.loads(json.dumps(bare.to_dict(), allow_nan=False))["config"] is None
+    from rich.console import Console
+
+    with open(tmp_path / "out.txt", "w") as fh:
+        Console(file=fh, width=120).print(r)
+    assert "qdiff fallback history" in (tmp_path / "out.txt").read_text()

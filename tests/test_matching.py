@@ -341,3 +341,18 @@ def test_shape_inference_without_weight_data_gives_the_full_models_shapes(name, 
     assert want and got == want
     big = next(t for t in model.graph.initializer if len(t.raw_data) > 64)
     np.testing.assert_array_equal(g.const_value(big.name), numpy_helper.to_array(big))
+
+
+def test_weight_channel_axis_of_the_weights_table():
+    from onnx import helper
+
+    from qdiff.matching import _channel_axis
+
+    mm = helper.make_node("MatMul", ["a", "b"], ["y"])
+    gemm = helper.make_node("Gemm", ["a", "b"], ["y"], transB=1)
+    # a constant first input of MatMul is read along its last axis, like its weight
+    assert [_channel_axis(mm, pos, 2) for pos in (0, 1)] == [1, 1]
+    assert [_channel_axis(mm, pos, 3) for pos in (0, 1)] == [2, 2]
+    assert _channel_axis(mm, 0, 1) is None
+    assert _channel_axis(gemm, 1, 2) == 0 and _channel_axis(gemm, 2, 1) is None
+    assert _channel_axis(helper.make_node("ConvTranspose", ["x", "w"], ["y"]), 1, 4) == 1

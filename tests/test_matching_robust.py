@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import conv_feeds, finish, lstm_net, quantize, shape_feeds, shape_reshape_net, strip_names
-from onnx import TensorProto, helper, numpy_helper
+from builders import lstm_net, quantize, shape_feeds, shape_reshape_net, strip_names
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, quantize_dynamic
 
 import qdiff
