@@ -25,7 +25,6 @@ that cannot be placed are counted in rows of their own, so every microsecond is 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -137,10 +136,6 @@ class ProfileResult(Result):
             "meta": json_safe(self.meta),
         }
 
-    def __rich__(self) -> Any:
-        render = importlib.import_module("qdiff.render")  # until the render split lands
-        draw = getattr(render, self._renderer, None) or getattr(importlib.import_module("qdiff.cli_diagnose"), self._renderer)
-        return draw(self)
 
 
 # ---------------------------------------------------------------------------------------------

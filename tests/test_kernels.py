@@ -19,7 +19,7 @@ from qdiff.structs import DequantParams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 COLS = ["cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs", "sqnr_db", "sqnr_db_worst", "kl", "kl_worst"]
-compare_module = sys.modules["qdiff._compare"]
+compare_module = importlib.import_module("qdiff._compare")
 graph_module = sys.modules["qdiff.graph"]
 
 needs_kernels = pytest.mark.skipif(

@@ -29,7 +29,6 @@ else from the quantized node names with the quantizer's suffixes (``_quant``, ``
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,10 +118,6 @@ class DiagnoseResult(Result):
             "meta": json_safe(self.meta),
         }
 
-    def __rich__(self) -> Any:
-        render = importlib.import_module("qdiff.render")  # until the render split lands
-        draw = getattr(render, self._renderer, None) or getattr(importlib.import_module("qdiff.cli_diagnose"), self._renderer)
-        return draw(self)
 
 
 # ---------------------------------------------------------------------------------------------
