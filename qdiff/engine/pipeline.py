@@ -28,32 +28,46 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
+from qdiff.engine.options import EngineOptions
 from qdiff.engine.sessions import available_cpus
 
-__all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "workers"]
+_DEFAULTS = EngineOptions()
 
-#: at most this many worker threads (each holds one group's tapped tensors while it works)
-MAX_WORKERS = 4
-#: models whose weights (float and quantized together) reach this run on one worker
-ONE_WORKER_BYTES = 1 << 30
+__all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "weight_bytes", "workers"]
+
+#: the defaults of :class:`~qdiff.engine.options.EngineOptions` ``max_workers`` / ``one_worker_bytes``
+MAX_WORKERS = EngineOptions.max_workers
+ONE_WORKER_BYTES = EngineOptions.one_worker_bytes
 
 S = TypeVar("S")
 
 
-def workers(cpus: int | None = None, weight_bytes: int = 0) -> int:
+def workers(cpus: int | None = None, weight_bytes: int = 0, options: EngineOptions | None = None) -> int:
     """Worker threads for ``cpus`` cores (default: the cores this process may use): one per core, at most
-    :data:`MAX_WORKERS`; one for models of ``weight_bytes`` >= :data:`ONE_WORKER_BYTES`."""
+    ``options.max_workers``; one for models of ``weight_bytes`` >= ``options.one_worker_bytes``;
+    exactly ``options.pipeline_workers`` where that is set."""
+    options = options or _DEFAULTS
+    if options.pipeline_workers is not None:
+        return options.pipeline_workers
     cpus = available_cpus() if cpus is None else cpus
-    if weight_bytes >= ONE_WORKER_BYTES:
+    if weight_bytes >= options.one_worker_bytes:
         return 1
-    return max(1, min(MAX_WORKERS, cpus))
+    return max(1, min(options.max_workers, cpus))
 
 
-def session_threads(cpus: int | None = None, weight_bytes: int = 0) -> int:
+def session_threads(cpus: int | None = None, weight_bytes: int = 0, options: EngineOptions | None = None) -> int:
     """onnxruntime intra-op threads per session so that :func:`workers` workers fill the cores
     (never onnxruntime's default of every core: ``--workers`` processes share the machine)."""
     cpus = available_cpus() if cpus is None else cpus
-    return max(1, cpus // workers(cpus, weight_bytes))
+    return max(1, cpus // workers(cpus, weight_bytes, options))
+
+
+def weight_bytes(*models: Any) -> int:
+    """The models' (:class:`qdiff.graph.LoadedModel`) initializer bytes together (on disk or
+    not): decides the pipeline's workers (``EngineOptions.one_worker_bytes``)."""
+    from qdiff.graph import initializer_bytes
+
+    return sum(initializer_bytes(m.proto) for m in models)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Future:
