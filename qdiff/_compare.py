@@ -302,7 +302,7 @@ def load_tensor_map(path: str | os.PathLike[str]) -> dict[str, str]:
 def _identity_warnings(weights: pd.DataFrame, layers: pd.DataFrame) -> list[str]:
     """Say so up front when the two models do not look like the same network."""
     out = []
-    # plain arrays, not filtered frames (those cost ~3 ms, a tenth of compare on the digits CNN at 8 samples)
+    # plain arrays, not filtered frames (a filtered frame is a noticeable part of a small compare)
     w = np.zeros(0)
     if len(weights):
         w = weights["cosine"].to_numpy(dtype=float, na_value=np.nan)[weights["role"].to_numpy() == "weight"]
@@ -384,10 +384,10 @@ def _channel_cosines(ref: np.ndarray, cand: np.ndarray, axis: int) -> np.ndarray
     """Cosine of each channel (slices along ``axis``), with sample_metrics' conventions.
 
     From float64 sums Σr², Σc², Σrc per channel: a trailing channel axis (MatMul/Gemm weights)
-    is reduced per column without transposing the weight (a 256 MB transpose took ~1.5 s),
-    compiled (``_kernels.column_sums``, ~1 ns per element pair) or in float64 blocks with numpy;
-    a leading one row by row in float64 blocks (the full metrics of every channel, histograms
-    included, took 2-3x as long on conv weights); other axes are moved to the front. Weights
+    is reduced per column without transposing the weight (a big weight's transpose is slow),
+    compiled (``_kernels.column_sums``) or in float64 blocks with numpy; a leading one row by row
+    in float64 blocks (cheaper than the full metrics of every channel, histograms included);
+    other axes are moved to the front (figures in bench/RESULTS.md). Weights
     holding NaN/Inf (non-finite sums: float32 squares cannot overflow float64) go through
     :func:`_rows_metrics`, which counts them.
     """

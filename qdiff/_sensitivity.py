@@ -277,8 +277,8 @@ def sensitivity(
         dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs] + [r.float_output for r in regions])
     )
     # build_shadow made every isolated output a graph output; those read as integers (above) are
-    # dropped again with their DequantizeLinear, which onnxruntime would run all the same (13 %
-    # of the fused shadow's kernel time on the 50-conv CNN)
+    # dropped again with their DequantizeLinear, which onnxruntime would run all the same (a
+    # noticeable share of the fused shadow's kernel time, see bench/RESULTS.md)
     read_as_int = {iso_taps[r.layer] for r in regions if iso_int.get(r.layer)}
     read_as_int -= {o.name for o in f_loaded.proto.graph.output}
     kept_outputs = [o for o in shadow.graph.output if o.name not in read_as_int]
@@ -339,7 +339,7 @@ def sensitivity(
         """One worker's accumulators (merged exactly at the end, see qdiff.engine.loop)."""
 
         def __init__(self, kernel_threads: int | None = None):
-            # the table reports no KL: the kernels skip the histograms (60 % of their time)
+            # the table reports no KL: the kernels skip the histograms (most of their time)
             self.acc = {p.layer: metrics.TensorAccumulator(kl=False) for p in pairs}
             self.iso = {r.layer: metrics.TensorAccumulator(kl=False) for r in regions}
             self.folder = RowFolder(
@@ -578,7 +578,7 @@ def _suffix(model: onnx.ModelProto, marker: str, outputs: list[str], types: Call
     needed = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in produced and i not in inits))
     # the suffix reads tensors of the base model: their types come from its view (``types``,
     # built once for all edits) before a view of the edited model is built (shape inference
-    # over the whole model: a third of the gain phase's set-up on PP-OCRv4 det)
+    # over the whole model, a large part of the gain phase's set-up on big models)
     view = None
     inputs = []
     for name in needed:

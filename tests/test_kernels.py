@@ -155,7 +155,7 @@ def test_compare_with_kernels_and_batches_equals_the_plain_numpy_path(variant, m
     if variant == "dynamic":
         assert "runs not batched: values differ between batched and single runs" in " ".join(fast.meta["notes"])
     else:
-        # 150 runs: groups of 19, so that there are 8 (compare._MIN_GROUPS) for the workers
+        # 150 runs: groups of 19, so that there are 8 (EngineOptions.min_groups) for the workers
         assert any("runs batched 19 at a time" in n for n in fast.meta["notes"]), fast.meta["notes"]
     with monkeypatch.context() as m:
         _force_numpy(m)

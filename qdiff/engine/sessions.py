@@ -137,10 +137,10 @@ def default_session_factory(options: SessionOptions | None = None) -> SessionFac
             so.optimized_model_filepath = options.optimized_model_path
         # no memory pattern: qdiff's sessions return many tapped tensors, run concurrently from
         # its worker threads and see several batch sizes; the per-shape pattern blocks cost
-        # 12-15 MB of peak memory on the 50-conv CNN and no measurable time
+        # peak memory and save no time (figures in bench/RESULTS.md)
         so.enable_mem_pattern = False
         # qdiff alternates onnxruntime runs with numpy work on the same cores: threads spinning
-        # while waiting for the next run steal that time (measured 3x slower on 2 cores)
+        # while waiting for the next run steal that time (much slower on few cores)
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
