@@ -13,7 +13,7 @@ from builders import conv_feeds, conv_net, finish, quantize
 from onnx import TensorProto, helper, numpy_helper
 
 import qdiff
-from qdiff.engine import batching, engines, prefuse
+from qdiff.engine import batching, prefuse
 from qdiff.engine import kernels as _kernels
 from qdiff.engine.options import EngineOptions
 from qdiff import metrics as qm
@@ -462,7 +462,7 @@ def test_prefuse_pays_with_the_layers_work():
     assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
 
 
-def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
+def test_quantized_model_tapped_in_onnxruntimes_fused_graph():
     """Taps found in onnxruntime's fused graph (QLinearConv/QGemm outputs) give the unfused taps' numbers."""
     opts = _fuse_from_64_runs()
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
@@ -470,8 +470,7 @@ def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
     note = next(n for n in fused.meta["notes"] if "fused graph (" in n)
     assert int(note.split("(")[1].split()[0]) >= 10, note  # layers read from fused QLinear*/QGemm nodes
     assert fused.meta["tapped_vs_deployed_max_abs"] == 0.0
-    monkeypatch.setattr(engines, "prefused_taps", lambda *a: None)
-    plain = qdiff.compare(*args, samples=64, engine_options=opts)
+    plain = qdiff.compare(*args, samples=64)  # default options: 64 runs do not pay for the fused graph
     assert not any("fused graph" in n for n in plain.meta["notes"])
     cols = ["cosine", "mse", "max_abs", "sqnr_db"]
     np.testing.assert_allclose(fused.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3)
@@ -501,8 +500,7 @@ def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
     monkeypatch.setattr(sens_module, "fused_taps_differ", lambda *a: "values of 'x' differ")
     refused = qdiff.sensitivity(*args, samples=64, gain=False, engine_options=opts)
     assert any("fused graph not tapped: values of 'x' differ" in n for n in refused.meta["notes"])
-    monkeypatch.setattr(sens_module, "prefused_taps", lambda *a: None)
-    plain = qdiff.sensitivity(*args, samples=64, gain=False, engine_options=opts)
+    plain = qdiff.sensitivity(*args, samples=64, gain=False)  # default options: tapped as given
     few = qdiff.sensitivity(*args, samples=63, gain=False, engine_options=opts)  # too few samples to pay for the fused graphs
     assert not any("fused graph" in n for n in few.meta["notes"])
     assert not any("fused graph" in n for n in plain.meta["notes"])
