@@ -41,32 +41,18 @@ import pandas as pd
 
 from qdiff import metrics
 from qdiff.engine import kernels as _kernels, pipeline
-from qdiff._compare import (
-    Batcher,
-    RowFolder,
-    _groups_of,
-    _integer_tap,
-    _prefused,
-    _meta,
-    fused_taps_differ,
-    integer_source,
-    load_pair,
-    load_tensor_map,
-    optimized_model,
-    prefuse_pays,
-    weight_bytes,
-)
+from qdiff.engine.batching import Batcher
+from qdiff.engine.folding import RowFolder
+from qdiff.engine.loop import load_pair, measure
+from qdiff.engine.options import EngineOptions
+from qdiff.engine.prefuse import fused_taps_differ, optimized_model, prefuse_pays, prefused_taps
+from qdiff.engine.sessions import SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, tap_model
+from qdiff.engine.taps import integer_source, integer_tap
 from qdiff.errors import EvalError, UsageError
 from qdiff.graph import Graph, ModelLike, layer_macs
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models, no_weight_values
-from qdiff.result import COSINE_THRESHOLD, _json_default, _records, write_atomic
-from qdiff.engine.sessions import (
-    SessionFactory,
-    feed_for,
-    open_session,
-    tap_model,
-)
+from qdiff.result import COSINE_THRESHOLD, Result, RunInfo, _records
 from qdiff.shadow import build_shadow, keep_float, prune_unread, quantize_only
 from qdiff.structs import DequantParams, Region, TensorPair
 
@@ -102,7 +88,7 @@ Progress = Callable[[str, int, "int | None"], None]
 
 
 @dataclass
-class SensitivityResult:
+class SensitivityResult(Result):
     """Per-layer sensitivity.
 
     Attributes:
@@ -113,25 +99,13 @@ class SensitivityResult:
     layers: pd.DataFrame
     meta: dict[str, Any]
 
+    _renderer = "sensitivity_renderable"
+
     def top(self, k: int = 5) -> pd.DataFrame:
         return self.layers.head(k)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": _records(self.layers), "meta": self.meta}
-
-    def to_json(self, path: str | os.PathLike[str]) -> None:
-        """``{"layers": [...], "meta": {...}}`` as strict JSON, atomically."""
-        import json
-
-        write_atomic(path, json.dumps(self.to_dict(), indent=2, allow_nan=False, default=_json_default))
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        write_atomic(path, self.layers.to_csv(index=False))
-
-    def __rich__(self) -> Any:
-        from qdiff.render import sensitivity_renderable
-
-        return sensitivity_renderable(self)
 
 
 def load_eval(spec: str | EvalFn | None) -> EvalFn | None:
@@ -234,6 +208,7 @@ def sensitivity(
     tensor_map: Mapping[str, str] | str | None = None,
     gain_top: int | None = GAIN_TOP,
     progress: Progress | None = None,
+    engine_options: EngineOptions | None = None,
 ) -> SensitivityResult:
     """Rank the layers of a quantized model by how much error they cause.
 
@@ -253,6 +228,7 @@ def sensitivity(
         samples, batch_size, seed, input_shapes, provider, session_factory, tensor_map: as for
             :func:`qdiff.compare`.
         progress: called as ``progress(phase, done, total)``.
+        engine_options: the measuring engine's tunables (internal), as for :func:`qdiff.compare`.
 
     Returns:
         A :class:`SensitivityResult`.
@@ -265,8 +241,9 @@ def sensitivity(
         raise UsageError("ranking by gain needs the gain measurement; drop --no-gain")
     eval_fn = load_eval(eval)
     started = time.perf_counter()
+    engine_options = engine_options or EngineOptions()
     f_loaded, q_loaded, fg, qg, f_specs, session_factory, options = load_pair(
-        float_model, quant_model, provider, session_factory
+        float_model, quant_model, provider, session_factory, engine_options
     )
     shapes = parse_input_shapes(input_shapes)
     f_loaded, fg = _same_opset(f_loaded, fg, q_loaded)
@@ -277,8 +254,12 @@ def sensitivity(
     first_source = source()
     # onnxruntime's fused graph of the quantized model, made while the graphs are matched and the
     # shadow is built (see below)
-    q_optimized = pipeline.in_background(optimized_model, q_loaded.proto) if prefuse_pays(first_source.count, layer_macs(fg)) else None
+    q_optimized = None
+    if prefuse_pays(first_source.count, layer_macs(fg), engine_options):
+        q_optimized = pipeline.in_background(optimized_model, q_loaded.proto, session_factory, engine_options)
     if isinstance(tensor_map, (str, os.PathLike)):
+        from qdiff._compare import load_tensor_map
+
         tensor_map = load_tensor_map(tensor_map)
     matching = match_models(fg, qg, tensor_map, weigh=no_weight_values)  # weight values: not needed here
     pairs = [p for p in matching.pairs if p.kind.value != "input"]
@@ -288,7 +269,7 @@ def sensitivity(
     shadow, iso_taps = build_shadow(f_loaded.proto, q_loaded.proto, regions)
     # integer taps where a DequantizeLinear only dequantizes a QuantizeLinear output: a quarter of
     # the bytes, and the kernels bin 8-bit codes cheaply
-    tapped = {p.layer: _integer_tap(p, qg) for p in pairs}
+    tapped = {p.layer: integer_tap(p, qg) for p in pairs}
     sg = Graph(shadow)
     iso_int = {r.layer: integer_source(sg, iso_taps[r.layer]) for r in regions if r.output_dequant is None}
     iso_read = {r.layer: (iso_int[r.layer][0] if iso_int.get(r.layer) else iso_taps[r.layer]) for r in regions}
@@ -296,14 +277,14 @@ def sensitivity(
         dict.fromkeys([p.float_tensor for p in pairs] + [o.float_tensor for o in outputs] + [r.float_output for r in regions])
     )
     # build_shadow made every isolated output a graph output; those read as integers (above) are
-    # dropped again with their DequantizeLinear, which onnxruntime would run all the same (13 %
-    # of the fused shadow's kernel time on the 50-conv CNN)
+    # dropped again with their DequantizeLinear, which onnxruntime would run all the same (a
+    # noticeable share of the fused shadow's kernel time, see bench/RESULTS.md)
     read_as_int = {iso_taps[r.layer] for r in regions if iso_int.get(r.layer)}
     read_as_int -= {o.name for o in f_loaded.proto.graph.output}
     kept_outputs = [o for o in shadow.graph.output if o.name not in read_as_int]
     del shadow.graph.output[:]
     shadow.graph.output.extend(kept_outputs)
-    # what each model is read for, keyed 0..n (the form compare._prefused takes): the shadow's
+    # what each model is read for, keyed 0..n (the form prefused_taps takes): the shadow's
     # float tensors and isolated outputs, the quantized model's layers
     s_keys = [("float", t) for t in f_names] + [("isolated", r.layer) for r in regions]
     s_plain: dict[int, TensorPair] = {}
@@ -318,17 +299,17 @@ def sensitivity(
     s_index = {key: i for i, key in enumerate(s_keys)}
     q_plain = {i: tapped[p.layer] for i, p in enumerate(pairs)}
     q_outputs = [o.quant_tensor for o in outputs]
-    # runs batched where that changes nothing (see compare.Batcher); samples buffered per layer
-    # (up to 32 KiB each: 128 KiB held 8 MB more on the 50-conv CNN, no quicker) and reduced many at a time
+    # runs batched where that changes nothing (see qdiff.engine.batching); samples buffered per layer
+    # (up to EngineOptions.isolated_rows_buffer_bytes each) and reduced many at a time
     per_run = _per_run_bytes(fg, pairs, outputs, regions, tapped, iso_int)
     # both models tapped in onnxruntime's fused graphs where that gives the same values (see
-    # compare._prefused: tapping a QuantizeLinear output stops the fusion of the quantized layers
+    # qdiff.engine.prefuse: tapping a QuantizeLinear output stops the fusion of the quantized layers
     # around it, which would then run in float); checked on the first run, else tapped as given
     fused: list = [None, None]
     if q_optimized is not None:  # the shadow's fused graph first: the quantized model's is being made meanwhile
-        fused[0] = _prefused(shadow, s_plain, sg)
+        fused[0] = prefused_taps(shadow, s_plain, sg, None, session_factory, engine_options)
         q_opt = q_optimized.result()
-        fused[1] = _prefused(q_loaded.proto, q_plain, qg, q_opt) if q_opt is not None else None
+        fused[1] = prefused_taps(q_loaded.proto, q_plain, qg, q_opt) if q_opt is not None else None
     # the DequantizeLinear nodes nothing reads any more go (in the fused shadow only after
     # onnxruntime fused it: a QuantizeLinear nothing reads would not be fused)
     if fused[0] is not None:
@@ -348,22 +329,23 @@ def sensitivity(
             [(models[0], names[0], f"shadow of {f_loaded.label}"), (models[1], names[1], q_loaded.label)],
             per_run,
             total=first_source.count,
+            options=engine_options,
         )
 
     batcher = open_batcher()
-    first_source.group = batcher.runs_per_group
     compiled = _kernels.available()
 
     class Folds:
-        """One worker's accumulators (merged exactly at the end, see qdiff.engine.pipeline)."""
+        """One worker's accumulators (merged exactly at the end, see qdiff.engine.loop)."""
 
         def __init__(self, kernel_threads: int | None = None):
-            # the table reports no KL: the kernels skip the histograms (60 % of their time)
+            # the table reports no KL: the kernels skip the histograms (most of their time)
             self.acc = {p.layer: metrics.TensorAccumulator(kl=False) for p in pairs}
             self.iso = {r.layer: metrics.TensorAccumulator(kl=False) for r in regions}
             self.folder = RowFolder(
-                compiled, max_bytes=1 << 15, immediate_elements=None, threads=kernel_threads, kl=False
-            )
+                compiled, max_bytes=engine_options.isolated_rows_buffer_bytes, immediate_elements=None,
+                threads=kernel_threads, kl=False, options=engine_options,
+            )  # fmt: skip
 
         def fold(self, s_vals: dict, q_vals: dict, runs: int) -> None:
             s_taps, q_taps = taps
@@ -381,6 +363,14 @@ def sensitivity(
                     self.folder.add(("isolated", r.layer), self.iso[r.layer], *got)
             self.folder.run()
 
+        def flush(self) -> None:
+            self.folder.flush()
+
+        def merge(self, other: Folds) -> Folds:
+            self.acc = {k: a.merge(other.acc[k]) for k, a in self.acc.items()}
+            self.iso = {k: a.merge(other.iso[k]) for k, a in self.iso.items()}
+            return self
+
     def rows(ref, raw, dq: DequantParams | None, runs: int):
         ref, raw = np.asarray(ref), np.asarray(raw)
         if ref.size != raw.size:
@@ -389,7 +379,7 @@ def sensitivity(
             raw, dq = dq.dequantize(raw), None  # per-channel: in the tensor's own layout
         return ref.reshape(runs, -1), raw.reshape(runs, -1), dq if raw.dtype.kind in "iu" else None
 
-    def measure(group: list, first: bool, folds: Folds) -> None:
+    def run_group(group: list, first: bool, folds: Folds) -> None:
         for (s_vals, q_vals), runs, _ in batcher.parts(group, first, names):
             folds.fold(s_vals, q_vals, runs)
 
@@ -401,51 +391,47 @@ def sensitivity(
         if progress is not None:
             progress("isolated", done, first_source.count)
 
+    fused_notes: list[str] = []
+
+    def run_first(group: list, folds: Folds) -> None:
+        """The fused graphs are checked on the first run (else the models are tapped as given),
+        then the first group settles batching."""
+        nonlocal batcher
+        if any(f is not None for f in fused):
+            refused = False
+            run0 = group[0]
+            for m, what in ((0, "shadow model"), (1, "quantized model")):
+                if fused[m] is None:
+                    continue
+
+                def fetch(wanted: list[str], m: int = m) -> dict:
+                    return batcher.fetch(run0, [wanted, []] if m == 0 else [[], wanted])[m]
+
+                why = fused_taps_differ(session_factory, plain[m][0], plain[m][1], fused[m][1], run0, fetch)
+                if why is None:
+                    moved = sum(1 for k, t in fused[m][1].items() if t is not plain[m][1][k])
+                    fused_notes.append(
+                        f"{what} tapped in onnxruntime's fused graph ({moved} tensor(s) read from fused QLinear* "
+                        "nodes, checked against the unfused taps on the first run)"
+                    )
+                else:
+                    fused_notes.append(f"{what}: onnxruntime's fused graph not tapped: {why}")
+                    fused[m], refused = None, True
+            if refused:
+                batcher.close()
+                batcher = open_batcher()
+        run_group(group, True, folds)
+
     # the first group settles batching and the fused graphs alone; the others go to the
     # pipeline's workers, each running both models on a group and reducing it into its own
-    # accumulators
-    batches = iter(first_source)
-    first_group = [b for _, b in zip(range(batcher.runs_per_group), batches)]
-    workers = [Folds()]
-    fused_notes: list[str] = []
-    if first_group and any(f is not None for f in fused):
-        refused = False
-        run0 = first_group[0]
-        for m, what in ((0, "shadow model"), (1, "quantized model")):
-            if fused[m] is None:
-                continue
-
-            def fetch(wanted: list[str], m: int = m) -> dict:
-                return batcher.fetch(run0, [wanted, []] if m == 0 else [[], wanted])[m]
-
-            why = fused_taps_differ(session_factory, plain[m][0], plain[m][1], fused[m][1], run0, fetch)
-            if why is None:
-                moved = sum(1 for k, t in fused[m][1].items() if t is not plain[m][1][k])
-                fused_notes.append(
-                    f"{what} tapped in onnxruntime's fused graph ({moved} tensor(s) read from fused QLinear* "
-                    "nodes, checked against the unfused taps on the first run)"
-                )
-            else:
-                fused_notes.append(f"{what}: onnxruntime's fused graph not tapped: {why}")
-                fused[m], refused = None, True
-        if refused:
-            batcher.close()
-            batcher = open_batcher()
-    if first_group:
-        measure(first_group, True, workers[0])
-        report(len(first_group))
-        n_workers = pipeline.workers(weight_bytes=weight_bytes(f_loaded, q_loaded))
-        if n_workers > 1:
-            workers[0].folder.threads = 1
-            workers += [Folds(kernel_threads=1) for _ in range(n_workers - 1)]
-        groups = _groups_of(batches, batcher.runs_per_group)
-        pipeline.release_free_memory()
-        pipeline.run_groups(groups, lambda group, folds: measure(group, False, folds), workers, report)
-    pipeline.for_each(workers, lambda w: w.folder.flush())
-    acc, iso = workers[0].acc, workers[0].iso
-    for w in workers[1:]:
-        acc = {k: a.merge(w.acc[k]) for k, a in acc.items()}
-        iso = {k: a.merge(w.iso[k]) for k, a in iso.items()}
+    # accumulators (qdiff.engine.loop)
+    merged, _ = measure(
+        first_source, lambda: batcher.runs_per_group, run_first, lambda group, folds: run_group(group, False, folds),
+        lambda threads: Folds(kernel_threads=threads),
+        lambda: pipeline.workers(weight_bytes=pipeline.weight_bytes(f_loaded, q_loaded), options=engine_options),
+        report,
+    )  # fmt: skip
+    acc, iso = merged.acc, merged.iso
     notes = list(batcher.notes) + fused_notes
     batcher = None  # the sessions go before the edited models load
     if first_source.batches == 0:
@@ -479,22 +465,36 @@ def sensitivity(
             gains, metric_meta = _gains_eval(f_loaded.proto, q_loaded.proto, gain_regions, eval_fn, progress)
         else:
             gains, metric_meta = _gains_cosine(
-                f_loaded.proto, q_loaded.proto, gain_regions, outputs, session_factory, source, progress
+                f_loaded.proto, q_loaded.proto, gain_regions, outputs, session_factory, source, progress, engine_options
             )
 
     layers = _table(pairs, regions, acc, iso, gains, by, metric_meta.get("keep_float_metric", {}), gain_skipped)
-    meta = _meta(
-        f_loaded, q_loaded, options, first_source, seed, batch_size, notes, None,
-        time.perf_counter() - started, 0.0, matching,
-    )  # fmt: skip
-    meta.pop("tapped_vs_deployed_max_abs", None)
-    meta.pop("inference_seconds", None)
+    meta = _meta(f_loaded, q_loaded, options, first_source, seed, batch_size, notes, time.perf_counter() - started, matching)
     meta.update({"by": by, "cosine_threshold": COSINE_THRESHOLD, "small_layer_params": SMALL_LAYER_PARAMS})
     meta.update(metric_meta)
     meta["unmeasured"] = [p.layer for p in pairs if p.layer not in iso]
     meta["gain_top"] = gain_top
     meta["gain_layers"] = len(gains)
     return SensitivityResult(layers, meta)
+
+
+def _meta(f_loaded, q_loaded, options: SessionOptions, source, seed: int, batch_size: int, notes, seconds: float, matching):
+    """The common keys of :class:`~qdiff.result.RunInfo` with the session, runs and metric settings
+    (the keys compare's meta has, less the deployed-model check and the inference time)."""
+    run = RunInfo.collect(f_loaded, q_loaded, source, seed).to_meta()
+    versions = ("qdiff_version", "onnx_version", "onnxruntime_version", "numpy_version", "python_version")
+    return {
+        **{k: run[k] for k in versions},
+        "session": options.to_dict(),
+        **{k: run[k] for k in ("float_model", "quant_model", "data", "random_inputs", "data_sha256", "samples")},
+        "runs": source.batches,
+        "batch_size": batch_size,
+        "seed": run["seed"],
+        "metrics": {"kl_bins": metrics.KL_BINS, "sqnr_cap_db": metrics.SQNR_CAP_DB},
+        "notes": notes,
+        "pairs": len(matching.pairs),
+        "seconds": round(seconds, 3),
+    }
 
 
 def _computes(region: Region) -> bool:
@@ -578,7 +578,7 @@ def _suffix(model: onnx.ModelProto, marker: str, outputs: list[str], types: Call
     needed = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in produced and i not in inits))
     # the suffix reads tensors of the base model: their types come from its view (``types``,
     # built once for all edits) before a view of the edited model is built (shape inference
-    # over the whole model: a third of the gain phase's set-up on PP-OCRv4 det)
+    # over the whole model, a large part of the gain phase's set-up on big models)
     view = None
     inputs = []
     for name in needed:
@@ -607,6 +607,7 @@ def _gains_cosine(
     factory: SessionFactory,
     source: Callable[[], Any],
     progress: Progress | None,
+    options: EngineOptions | None = None,
 ) -> tuple[dict[str, tuple[float | None, float | None]], dict[str, Any]]:
     """Mean final-output cosine of each edited model, in groups run together over the data.
 
@@ -619,7 +620,7 @@ def _gains_cosine(
     keep: dict[str, list[metrics.TensorAccumulator]] = {}
     solo: dict[str, list[metrics.TensorAccumulator]] = {}
     failed: dict[str, str] = {}
-    n_threads = pipeline.workers()
+    n_threads = pipeline.workers(options=options)
     pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="qdiff-gain") if n_threads > 1 else None
     try:
         return _gains_cosine_groups(fp, qp, regions, outputs, factory, source, progress, pool, names_f, names_q, base, keep, solo, failed)
@@ -731,14 +732,11 @@ def _gains_eval(
     Every edited model is loaded by onnxruntime before the user's function sees it: one that does
     not load is a failure of that layer's gain (``gain_failures``), not of the user's function.
     """
-    import onnxruntime as ort
-
     out: dict[str, tuple[float | None, float | None]] = {}
     keep_metric: dict[str, float] = {}
     failed: dict[str, str] = {}
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    # does onnxruntime load it (on the CPU, unoptimised: a load check, not a run)
+    loads = default_session_factory(SessionOptions(graph_optimization="ORT_DISABLE_ALL"))
     with tempfile.TemporaryDirectory(prefix="qdiff-eval-") as tmp:
 
         def score(model: onnx.ModelProto, name: str) -> float:
@@ -752,7 +750,7 @@ def _gains_eval(
             try:
                 edited = [keep_float(qp, fp, r), quantize_only(fp, qp, r)]
                 for m in edited:
-                    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+                    loads(m)
             except Exception as exc:  # noqa: BLE001 - an edit onnxruntime rejects: that layer has no gain
                 failed[r.layer] = f"edited model did not load: {str(exc).strip().splitlines()[0][:200]}"
                 out[r.layer] = (None, None)

@@ -124,7 +124,7 @@ def layer_values(
     q_sess, _ = open_session(session_factory, tap_model(q_loaded.proto, [pair.quant_tensor]), q_loaded.label)
     (ref,) = f_sess.run([pair.float_tensor], feed_for(f_sess, batch))
     (cand,) = q_sess.run([pair.quant_tensor], feed_for(q_sess, batch))
-    from qdiff._compare import _real
+    from qdiff.engine.taps import real_values as _real
 
     return LayerValues(
         layer=pair.layer,

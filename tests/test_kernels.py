@@ -13,7 +13,9 @@ from builders import conv_feeds, conv_net, finish, quantize
 from onnx import TensorProto, helper, numpy_helper
 
 import qdiff
+from qdiff.engine import batching, prefuse
 from qdiff.engine import kernels as _kernels
+from qdiff.engine.options import EngineOptions
 from qdiff import metrics as qm
 from qdiff.structs import DequantParams
 
@@ -135,8 +137,8 @@ def _force_numpy(monkeypatch):
     monkeypatch.setattr(_kernels, "_load", lambda: None)
 
 
-def _unbatched(monkeypatch):
-    monkeypatch.setattr(compare_module, "_GROUP_BYTES", 1)
+#: groups of one run: every run alone (no batching)
+UNBATCHED = EngineOptions(group_bytes=1)
 
 
 @needs_kernels
@@ -153,12 +155,11 @@ def test_compare_with_kernels_and_batches_equals_the_plain_numpy_path(variant, m
     if variant == "dynamic":
         assert "runs not batched: values differ between batched and single runs" in " ".join(fast.meta["notes"])
     else:
-        # 150 runs: groups of 19, so that there are 8 (compare._MIN_GROUPS) for the workers
+        # 150 runs: groups of 19, so that there are 8 (EngineOptions.min_groups) for the workers
         assert any("runs batched 19 at a time" in n for n in fast.meta["notes"]), fast.meta["notes"]
     with monkeypatch.context() as m:
         _force_numpy(m)
-        _unbatched(m)
-        plain = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150)
+        plain = qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=150, engine_options=UNBATCHED)
     assert plain.meta["metrics_kernel"] == "numpy"
     assert not any("batched" in n for n in plain.meta["notes"])
     assert list(fast.layers["layer"]) == list(plain.layers["layer"])
@@ -243,8 +244,7 @@ def test_models_that_mix_samples_across_the_batch_axis_run_one_at_a_time(tmp_pat
     f, q, data = _mixing_model(tmp_path)
     r = qdiff.compare(f, q, data={"x": data})
     assert any(n.startswith("runs not batched: ") for n in r.meta["notes"]), r.meta["notes"]
-    _unbatched(monkeypatch)
-    plain = qdiff.compare(f, q, data={"x": data})
+    plain = qdiff.compare(f, q, data={"x": data}, engine_options=UNBATCHED)
     cols = ["cosine", "mse", "max_abs", "sqnr_db", "kl"]
     np.testing.assert_array_equal(r.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float))
 
@@ -254,7 +254,7 @@ def test_batch_check_tolerates_one_code_rounding_flips_in_integer_taps():
     (2 % of a tensor here, 1e-2 relative L2), in integer taps and in DequantizeLinear outputs
     (one quantization step). That is batching, not samples mixing; three codes, two steps, or a
     float tensor moved beyond 1e-3 relative L2 still refuse it."""
-    differ = compare_module._runs_differ
+    differ = batching.runs_differ
     rng = np.random.default_rng(6)
     for dtype in (np.int8, np.uint8):
         info = np.iinfo(dtype)
@@ -284,13 +284,13 @@ def test_batch_check_knows_the_step_of_dequantized_float_taps(monkeypatch):
     """compare hands the check each float tap of the quantized model that a DequantizeLinear
     computes, with that node's scale (here the final output, read as float)."""
     seen = []
-    real = compare_module._batch_mismatch
+    real = batching.batch_mismatch
 
     def spy(batched, singles, runs, steps=None):
         seen.append(steps)
         return real(batched, singles, runs, steps)
 
-    monkeypatch.setattr(compare_module, "_batch_mismatch", spy)
+    monkeypatch.setattr(batching, "batch_mismatch", spy)
     qpath = SAMPLES / "digits_cnn.qdq_per_tensor.onnx"
     r = qdiff.compare(SAMPLES / "digits_cnn.float.onnx", qpath, data=SAMPLES / "digits_test.npz", samples=64)
     assert any("runs batched" in n for n in r.meta["notes"])
@@ -440,11 +440,11 @@ def test_channel_cosines_equal_per_channel_sample_metrics(axis):
     assert got[1] == 1.0 and got[2] == 0.0
 
 
-def _fuse_from_64_runs(monkeypatch, model=SAMPLES / "transformer.float.onnx"):
-    """Make the fused graph pay from 64 runs of ``model`` on (the transformer block is too small to
-    pay for it below ~37 000 runs at the real threshold)."""
+def _fuse_from_64_runs(model=SAMPLES / "transformer.float.onnx") -> EngineOptions:
+    """Options that make the fused graph pay from 64 runs of ``model`` on (the transformer block
+    is too small to pay for it below ~37 000 runs at the real threshold)."""
     macs = graph_module.layer_macs(graph_module.Graph(onnx.load(model)))
-    monkeypatch.setattr(compare_module, "_PREFUSE_MIN_MACS", 64 * macs)
+    return EngineOptions(prefuse_min_macs=64 * macs)
 
 
 def test_prefuse_pays_with_the_layers_work():
@@ -453,34 +453,32 @@ def test_prefuse_pays_with_the_layers_work():
         return graph_module.layer_macs(graph_module.Graph(onnx.load(SAMPLES / name)))
 
     assert macs("transformer.float.onnx") == macs("transformer.qdq.onnx") > 100_000
-    assert not compare_module.prefuse_pays(512, macs("transformer.float.onnx"))
-    assert not compare_module.prefuse_pays(10_000, macs("digits_cnn.float.onnx"))
-    assert compare_module.prefuse_pays(128, 70_000_000)  # the 50-conv CNN of bench/ at 128 samples
-    assert not compare_module.prefuse_pays(64, 70_000_000)  # ... not at 64 (measured slower)
-    assert compare_module.prefuse_pays(None, 1) and compare_module.prefuse_pays(8, None)  # unknown: made
+    assert not prefuse.prefuse_pays(512, macs("transformer.float.onnx"))
+    assert not prefuse.prefuse_pays(10_000, macs("digits_cnn.float.onnx"))
+    assert prefuse.prefuse_pays(128, 70_000_000)  # the 50-conv CNN of bench/ at 128 samples
+    assert not prefuse.prefuse_pays(64, 70_000_000)  # ... not at 64 (measured slower)
+    assert prefuse.prefuse_pays(None, 1) and prefuse.prefuse_pays(8, None)  # unknown: made
     r = qdiff.compare(SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx", samples=512)
     assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
 
 
-def test_quantized_model_tapped_in_onnxruntimes_fused_graph(monkeypatch):
+def test_quantized_model_tapped_in_onnxruntimes_fused_graph():
     """Taps found in onnxruntime's fused graph (QLinearConv/QGemm outputs) give the unfused taps' numbers."""
-    _fuse_from_64_runs(monkeypatch)
+    opts = _fuse_from_64_runs()
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
-    fused = qdiff.compare(*args, samples=64)
+    fused = qdiff.compare(*args, samples=64, engine_options=opts)
     note = next(n for n in fused.meta["notes"] if "fused graph (" in n)
     assert int(note.split("(")[1].split()[0]) >= 10, note  # layers read from fused QLinear*/QGemm nodes
     assert fused.meta["tapped_vs_deployed_max_abs"] == 0.0
-    monkeypatch.setattr(compare_module, "_prefused", lambda *a: None)
-    plain = qdiff.compare(*args, samples=64)
+    plain = qdiff.compare(*args, samples=64)  # default options: 64 runs do not pay for the fused graph
     assert not any("fused graph" in n for n in plain.meta["notes"])
     cols = ["cosine", "mse", "max_abs", "sqnr_db"]
     np.testing.assert_allclose(fused.layers[cols].to_numpy(float), plain.layers[cols].to_numpy(float), rtol=1e-3)
 
 
-def test_no_fused_graph_for_few_samples(monkeypatch):
-    _fuse_from_64_runs(monkeypatch)
+def test_no_fused_graph_for_few_samples():
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
-    r = qdiff.compare(*args, samples=63)
+    r = qdiff.compare(*args, samples=63, engine_options=_fuse_from_64_runs())
     assert not any("fused graph" in n for n in r.meta["notes"]), r.meta["notes"]
 
 
@@ -495,16 +493,15 @@ def test_sensitivity_taps_the_fused_quantized_model_and_falls_back(monkeypatch):
     """Sensitivity's quantized model is tapped in onnxruntime's fused graph: the same numbers as
     tapped as given; when the check on the first run disagrees, the model as given is tapped."""
     sens_module = importlib.import_module("qdiff._sensitivity")
-    _fuse_from_64_runs(monkeypatch)
+    opts = _fuse_from_64_runs()
     args = (SAMPLES / "transformer.float.onnx", SAMPLES / "transformer.qdq.onnx")
-    fused = qdiff.sensitivity(*args, samples=64, gain=False)
+    fused = qdiff.sensitivity(*args, samples=64, gain=False, engine_options=opts)
     assert any(n.startswith("quantized model tapped in onnxruntime's fused graph") for n in fused.meta["notes"])
     monkeypatch.setattr(sens_module, "fused_taps_differ", lambda *a: "values of 'x' differ")
-    refused = qdiff.sensitivity(*args, samples=64, gain=False)
+    refused = qdiff.sensitivity(*args, samples=64, gain=False, engine_options=opts)
     assert any("fused graph not tapped: values of 'x' differ" in n for n in refused.meta["notes"])
-    monkeypatch.setattr(sens_module, "_prefused", lambda *a: None)
-    plain = qdiff.sensitivity(*args, samples=64, gain=False)
-    few = qdiff.sensitivity(*args, samples=63, gain=False)  # too few samples to pay for the fused graphs
+    plain = qdiff.sensitivity(*args, samples=64, gain=False)  # default options: tapped as given
+    few = qdiff.sensitivity(*args, samples=63, gain=False, engine_options=opts)  # too few samples to pay for the fused graphs
     assert not any("fused graph" in n for n in few.meta["notes"])
     assert not any("fused graph" in n for n in plain.meta["notes"])
     cols = [c for c in plain.layers.columns if c.startswith(("accumulated_cosine", "isolated_cosine"))]

@@ -11,6 +11,7 @@ import pytest
 
 import qdiff
 from qdiff.engine import pipeline
+from qdiff.engine.options import EngineOptions
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -80,14 +81,14 @@ def test_run_groups_is_lazy():
 
 
 @pytest.mark.parametrize("quant", ["digits_cnn.qdq_per_channel.onnx", "digits_cnn.qoperator.onnx", "digits_cnn.dynamic.onnx"])
-def test_compare_is_the_same_with_any_number_of_workers(monkeypatch, quant):
+def test_compare_is_the_same_with_any_number_of_workers(quant):
     """Accumulators merge exactly: 1, 2 or 3 workers give the very same tables (batched runs,
     QOperator integer taps, and the dynamic model that is run one sample at a time)."""
     args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / quant)
     results = []
     for n in (1, 2, 3):
-        monkeypatch.setattr(pipeline, "workers", lambda cpus=None, weight_bytes=0, n=n: n)
-        results.append(qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=200))
+        opts = EngineOptions(pipeline_workers=n)
+        results.append(qdiff.compare(*args, data=SAMPLES / "digits_test.npz", samples=200, engine_options=opts))
     one = results[0]
     assert one.meta["samples"] == 200
     assert [r.meta["pipeline_workers"] for r in results] == [1, 2, 3]
@@ -109,11 +110,10 @@ def test_big_models_run_on_one_worker_with_every_core(monkeypatch):
     monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)
     small = qdiff.compare(*args, **kw)
     weights = sum(p.stat().st_size for p in args)  # more than the initializers: the files
-    monkeypatch.setattr(pipeline, "ONE_WORKER_BYTES", weights // 2)
-    big = qdiff.compare(*args, **kw)
+    one_worker = EngineOptions(one_worker_bytes=weights // 2)
+    big = qdiff.compare(*args, **kw, engine_options=one_worker)
     assert (small.meta["pipeline_workers"], small.meta["session"]["intra_op_threads"]) == (2, 1)
     assert (big.meta["pipeline_workers"], big.meta["session"]["intra_op_threads"]) == (1, 2)
     assert small.layers.equals(big.layers) and small.outputs.equals(big.outputs)
-    one = qdiff.sensitivity(*args, gain=False, **kw)
-    monkeypatch.setattr(pipeline, "ONE_WORKER_BYTES", 1 << 40)
+    one = qdiff.sensitivity(*args, gain=False, **kw, engine_options=one_worker)
     assert one.layers.equals(qdiff.sensitivity(*args, gain=False, **kw).layers)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import qdiff
-from qdiff._compare import _local_workers
+from qdiff.engine.sharding import local_workers
 from qdiff.engine.sessions import available_cpus
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -27,11 +27,11 @@ linux_only = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 
 def test_workers_capped_by_cores_and_groups_and_meta_says_so():
     cores = available_cpus()
-    assert _local_workers(1000, None) == (cores, f"{cores} core(s) available")
+    assert local_workers(1000, None) == (cores, f"{cores} core(s) available")
     # 11 runs make groups of at most 2 runs: at least 6 groups
-    assert _local_workers(1000, 11)[0] == min(cores, 6)
+    assert local_workers(1000, 11)[0] == min(cores, 6)
     # one run is one group: one process, whatever the cores
-    assert _local_workers(1000, 1)[0] == 1
+    assert local_workers(1000, 1)[0] == 1
     result = qdiff.compare(*DIGITS, data=SAMPLES / "digits_test.npz", samples=11, workers=1000)
     assert result.meta["workers"] == min(cores, 6) and result.meta["workers_requested"] == 1000
     assert any("--workers 1000 capped" in n for n in result.meta["notes"]), result.meta["notes"]

@@ -1,8 +1,8 @@
 """Compiled metric reductions: every metric of many samples in one pass over the data.
 
 The numpy path (:func:`qdiff.metrics.sample_metrics` / :func:`~qdiff.metrics.sample_metrics_rows`)
-makes some twenty passes over float64 copies of each tensor pair, ~20 ns per element pair here:
-more than the two models take to compute the tensors. The C extension ``qdiff._ckernels``
+makes some twenty passes over float64 copies of each tensor pair: more than the two models take
+to compute the tensors (figures in bench/RESULTS.md). The C extension ``qdiff._ckernels``
 (built from ``qdiff/_ckernels.c`` at install; see its header) reads the tapped arrays as they
 come out of onnxruntime (float32, or the integer output of a QuantizeLinear, dequantized on the
 fly exactly as DequantizeLinear does) and computes in one pass, per chunk of a row:

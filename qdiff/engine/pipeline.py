@@ -4,9 +4,8 @@ compare and sensitivity spend their time in two kinds of work that both release 
 onnxruntime running the tapped models, and the compiled kernels reducing what they gave. On few
 cores, onnxruntime's intra-op parallelism is the weak point: every operator of a small model
 splits over the threads and waits at a barrier, and a second busy thread (the reducer) stalls the
-barriers. Measured on the 2-core VM with the 50-conv CNN (512 samples, both models, untapped):
-one session per model with 2 intra-op threads 2.36 s; the same work as two threads each running
-whole samples through sessions of 1 intra-op thread, 1.42 s.
+barriers: two threads each running whole samples through single-threaded sessions beat one
+session per model with two intra-op threads (figures in bench/RESULTS.md).
 
 So qdiff runs :func:`workers` threads, each taking a whole group of runs at a time: run both
 models on it (sessions of :func:`session_threads` intra-op threads, shared by the workers:
@@ -16,8 +15,8 @@ which worker took which group (the same property that makes ``--workers`` shards
 
 Models whose weights together reach :data:`ONE_WORKER_BYTES` run on one worker whose sessions
 use every core: their operators are big enough for onnxruntime's own threads, and every worker
-holds its own transient tensors (2 GB MLP: the dequantized 256 MB weights and the taps of each
-run; two workers 20.5 s and 3.8 GB peak, one worker of two threads 19.7 s and 3.2 GB).
+holds its own transient tensors (the dequantized weights and the taps of each run), so one
+worker is as quick and needs less memory.
 """
 
 from __future__ import annotations
@@ -28,32 +27,46 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
+from qdiff.engine.options import EngineOptions
 from qdiff.engine.sessions import available_cpus
 
-__all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "workers"]
+_DEFAULTS = EngineOptions()
 
-#: at most this many worker threads (each holds one group's tapped tensors while it works)
-MAX_WORKERS = 4
-#: models whose weights (float and quantized together) reach this run on one worker
-ONE_WORKER_BYTES = 1 << 30
+__all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "weight_bytes", "workers"]
+
+#: the defaults of :class:`~qdiff.engine.options.EngineOptions` ``max_workers`` / ``one_worker_bytes``
+MAX_WORKERS = EngineOptions.max_workers
+ONE_WORKER_BYTES = EngineOptions.one_worker_bytes
 
 S = TypeVar("S")
 
 
-def workers(cpus: int | None = None, weight_bytes: int = 0) -> int:
+def workers(cpus: int | None = None, weight_bytes: int = 0, options: EngineOptions | None = None) -> int:
     """Worker threads for ``cpus`` cores (default: the cores this process may use): one per core, at most
-    :data:`MAX_WORKERS`; one for models of ``weight_bytes`` >= :data:`ONE_WORKER_BYTES`."""
+    ``options.max_workers``; one for models of ``weight_bytes`` >= ``options.one_worker_bytes``;
+    exactly ``options.pipeline_workers`` where that is set."""
+    options = options or _DEFAULTS
+    if options.pipeline_workers is not None:
+        return options.pipeline_workers
     cpus = available_cpus() if cpus is None else cpus
-    if weight_bytes >= ONE_WORKER_BYTES:
+    if weight_bytes >= options.one_worker_bytes:
         return 1
-    return max(1, min(MAX_WORKERS, cpus))
+    return max(1, min(options.max_workers, cpus))
 
 
-def session_threads(cpus: int | None = None, weight_bytes: int = 0) -> int:
+def session_threads(cpus: int | None = None, weight_bytes: int = 0, options: EngineOptions | None = None) -> int:
     """onnxruntime intra-op threads per session so that :func:`workers` workers fill the cores
     (never onnxruntime's default of every core: ``--workers`` processes share the machine)."""
     cpus = available_cpus() if cpus is None else cpus
-    return max(1, cpus // workers(cpus, weight_bytes))
+    return max(1, cpus // workers(cpus, weight_bytes, options))
+
+
+def weight_bytes(*models: Any) -> int:
+    """The models' (:class:`qdiff.graph.LoadedModel`) initializer bytes together (on disk or
+    not): decides the pipeline's workers (``EngineOptions.one_worker_bytes``)."""
+    from qdiff.graph import initializer_bytes
+
+    return sum(initializer_bytes(m.proto) for m in models)
 
 
 def in_background(fn: Callable[..., Any], *args: Any) -> Future:
@@ -70,8 +83,7 @@ def in_background(fn: Callable[..., Any], *args: Any) -> Future:
 def for_each(states: list[S], fn: Callable[[S], Any]) -> None:
     """``fn(state)`` for every state, each on a thread of its own (the last on the calling thread):
     the workers' final reductions (rows their folders still buffer) run side by side instead of
-    one after the other on the caller's thread after the groups (the transformer block at 64
-    samples: 23-49 ms of kernels on one core). Exceptions are raised."""
+    one after the other on the caller's thread after the groups. Exceptions are raised."""
     if len(states) < 2:
         for state in states:
             fn(state)
@@ -85,8 +97,7 @@ def for_each(states: list[S], fn: Callable[[S], Any]) -> None:
 
 def release_free_memory() -> None:
     """Hand memory freed by the set-up (check sessions, the first group) back to the OS before the
-    workers start, so it does not add to their peak (glibc's ``malloc_trim``; elsewhere nothing).
-    Measured on the 50-conv CNN's sensitivity run: peak 213 -> 202 MB."""
+    workers start, so it does not add to their peak (glibc's ``malloc_trim``; elsewhere nothing)."""
     global _trim
     if _trim is None:
         _trim = False

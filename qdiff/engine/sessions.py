@@ -33,6 +33,7 @@ __all__ = [
     "SessionOptions",
     "available_cpus",
     "default_session_factory",
+    "optimized_model_file",
     "resolve_provider",
     "tap_model",
     "open_session",
@@ -79,6 +80,8 @@ class SessionOptions:
         allow_spinning: let idle onnxruntime threads spin (onnxruntime's default; off for measuring).
         mem_pattern: onnxruntime's memory pattern (its default; off for measuring).
         profile_prefix: turn onnxruntime's profiler on, writing its trace to files starting with this.
+        optimized_model_path: where onnxruntime saves the graph it optimised (None: nowhere);
+            see :func:`optimized_model_file`. Not recorded in meta.
     """
 
     provider: str = "CPUExecutionProvider"
@@ -88,6 +91,7 @@ class SessionOptions:
     allow_spinning: bool = False
     mem_pattern: bool = False
     profile_prefix: str | None = None
+    optimized_model_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -135,12 +139,14 @@ def default_session_factory(options: SessionOptions | None = None) -> SessionFac
         so.intra_op_num_threads = options.intra_op_threads
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, options.graph_optimization)
         so.log_severity_level = 3
+        if options.optimized_model_path is not None:
+            so.optimized_model_filepath = options.optimized_model_path
         # no memory pattern: qdiff's sessions return many tapped tensors, run concurrently from
         # its worker threads and see several batch sizes; the per-shape pattern blocks cost
-        # 12-15 MB of peak memory on the 50-conv CNN and no measurable time
+        # peak memory and save no time (figures in bench/RESULTS.md)
         so.enable_mem_pattern = options.mem_pattern
         # qdiff alternates onnxruntime runs with numpy work on the same cores: threads spinning
-        # while waiting for the next run steal that time (measured 3x slower on 2 cores)
+        # while waiting for the next run steal that time (much slower on few cores)
         spin = "1" if options.allow_spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)
@@ -163,7 +169,25 @@ def default_session_factory(options: SessionOptions | None = None) -> SessionFac
             onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.data")
             return ort.InferenceSession(path, sess_options=so, providers=providers)
 
+    factory.options = options  # type: ignore[attr-defined]  # read by optimized_model_file
     return factory
+
+
+def optimized_model_file(
+    factory: SessionFactory, model: onnx.ModelProto, path: str, level: str = "ORT_ENABLE_EXTENDED"
+) -> None:
+    """Have onnxruntime optimise ``model`` at ``level`` and save the optimised graph to ``path``.
+
+    The session is built as ``factory`` builds its own (its :class:`SessionOptions`: provider and
+    threads) where it is a :func:`default_session_factory`; a custom factory cannot be asked
+    for the optimised graph, so the default options (CPU) are used for it.
+    """
+    from dataclasses import replace
+
+    base = getattr(factory, "options", None)
+    if not isinstance(base, SessionOptions):
+        base = SessionOptions()
+    default_session_factory(replace(base, graph_optimization=level, optimized_model_path=path))(model)
 
 
 _IR_RE = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
