@@ -40,7 +40,7 @@ EXTERNAL_DIR_KEY = "qdiff.external_data_dir"
 #: the proto, the weights are held in Python and twice in a session built from the serialized
 #: bytes, which costs more peak memory and time than reading them from disk (figures in
 #: bench/RESULTS.md). compare's fused-graph taps stop at the same size
-#: (compare._PREFUSE_MAX_BYTES), so no model loses them.
+#: (EngineOptions.prefuse_max_bytes), so no model loses them.
 KEEP_EXTERNAL_BYTES = 256 << 20
 #: constant values up to this size are cached by Graph.const_value
 _CACHE_MAX_BYTES = 16 << 20

@@ -118,7 +118,7 @@ def node_data(result: Any, metric: str | None = None, *, graph_id: str | None = 
 
     Args:
         result: a :class:`~qdiff.result.CompareResult` or a
-            :class:`~qdiff.sensitivity.SensitivityResult`.
+            :class:`~qdiff.SensitivityResult`.
         metric: a numeric column of ``result.layers`` (default ``cosine`` for compare,
             ``isolated_cosine`` for sensitivity); ``sqnr`` is accepted for ``sqnr_db``.
         graph_id: when given, the model-level form ``{graph_id: {...}}`` (the ONNX adapter's graph

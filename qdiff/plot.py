@@ -119,7 +119,7 @@ def layer_error(result: Any, metric: str = "cosine", ax: Axes | None = None) -> 
     Args:
         result: a :class:`~qdiff.result.CompareResult` (or anything with a ``layers``
             DataFrame holding ``layer`` and the metric column, in graph order; a
-            :class:`~qdiff.sensitivity.SensitivityResult` is put back in graph order).
+            :class:`~qdiff.SensitivityResult` is put back in graph order).
         metric: a ``result.layers`` column (``cosine``, ``sqnr_db``, ``mse``, ``kl``,
             ``max_abs``, ...); ``sqnr`` is accepted for ``sqnr_db``.
         ax: the Axes to draw on (default: a new figure).
@@ -174,7 +174,7 @@ def accumulated_vs_isolated(sens_result: Any, ax: Axes | None = None, *, metric:
     ``metric="sqnr"`` they are the SQNR in dB (taller is better).
 
     Args:
-        sens_result: a :class:`~qdiff.sensitivity.SensitivityResult`.
+        sens_result: a :class:`~qdiff.SensitivityResult`.
         ax: the Axes to draw on (default: a new figure).
         metric: ``cosine`` or ``sqnr``.
 
@@ -318,7 +318,7 @@ def sensitivity_ranking(sens_result: Any, top: int = 20, ax: Axes | None = None)
     log axis, gain as it is. Layers without a value in the ranking column are left out.
 
     Args:
-        sens_result: a :class:`~qdiff.sensitivity.SensitivityResult` (rows already ranked).
+        sens_result: a :class:`~qdiff.SensitivityResult` (rows already ranked).
         top: how many layers.
         ax: the Axes to draw on (default: a new figure).
 
@@ -362,7 +362,7 @@ def fallback_history(result_or_history: Any, ax: Axes | None = None, *, target: 
     """The metric of every model the fallback loop tried, the target, and the float-layer count.
 
     Args:
-        result_or_history: a :class:`~qdiff.fallback.FallbackResult` or its ``history``
+        result_or_history: a :class:`~qdiff.FallbackResult` or its ``history``
             DataFrame (HISTORY_COLUMNS).
         ax: the Axes to draw on (default: a new figure); the float-layer count goes on a twin
             y axis (``ax.figure.axes``).

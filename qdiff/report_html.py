@@ -196,7 +196,7 @@ def compare_html(result: Any, *, command: str | None = None, title: str | None =
 
 
 def sensitivity_html(result: Any, *, command: str | None = None, title: str | None = None, top: int = 20) -> str:
-    """The HTML report of a :class:`~qdiff.sensitivity.SensitivityResult`.
+    """The HTML report of a :class:`~qdiff.SensitivityResult`.
 
     Args:
         result: what ``qdiff.sensitivity`` returned.
@@ -251,7 +251,7 @@ def sensitivity_html(result: Any, *, command: str | None = None, title: str | No
 
 
 def fallback_html(result: Any, *, command: str | None = None, title: str | None = None) -> str:
-    """The HTML report of a :class:`~qdiff.fallback.FallbackResult`.
+    """The HTML report of a :class:`~qdiff.FallbackResult`.
 
     Args:
         result: what ``qdiff._fallback.fallback`` returned.

@@ -1,4 +1,12 @@
-"""The result of ``compare``: pandas DataFrames plus the meta that reproduces the run.
+"""Results: the base every result shares, the run record, and the results of ``compare`` / ``match``.
+
+:class:`Result` gives every result (compare, match, sensitivity, fallback, diagnose, profile) the
+same interface: ``to_dict`` / ``to_json`` (strict JSON, atomic) / ``to_csv`` (its main table), and
+display through ``__rich__`` / ``_repr_html_``, the renderer looked up by name in
+:mod:`qdiff.render` when a result is shown (results never import the renderer). :class:`RunInfo`
+is the frozen record of what reproduces a run, the first keys of every result's ``meta``.
+
+The ``compare`` result is pandas DataFrames plus that meta.
 
 Column sets (one documented set, used by the DataFrames, CSV and JSON alike):
 

@@ -416,7 +416,7 @@ def _cli_has_report_options() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _cli_has_report_options(), reason="qdiff.cli does not register --html / --node-data (see qdiff.cli_report)")
+@pytest.mark.skipif(not _cli_has_report_options(), reason="qdiff.cli does not register --html / --node-data (see qdiff.cli._common)")
 def test_cli_writes_the_reports(samples_dir, tmp_path, capfd):
     from conftest import run_cli, strict_json_load
 

@@ -1,4 +1,4 @@
-"""The only part of qdiff's compare path that talks to onnxruntime.
+"""Every onnxruntime session qdiff builds comes from here (onnxruntime's quantizer builds its own).
 
 A *session factory* turns a ModelProto into something with onnxruntime's ``run`` / ``get_inputs``
 interface. The default one builds an ``InferenceSession`` on the chosen execution provider;
