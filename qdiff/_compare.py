@@ -46,6 +46,7 @@ from qdiff.result import (
     Alignment,
     CompareResult,
     RunInfo,
+    measured_meta,
 )
 from qdiff.structs import Matching, TensorPair, WeightPair
 
@@ -471,20 +472,9 @@ def _meta(
     run_seconds: float,
     matching: Matching,
 ) -> dict[str, Any]:
-    """compare's meta: the common keys of :class:`~qdiff.result.RunInfo`, with compare's own among them."""
-    run = RunInfo.collect(f, q, source, seed).to_meta()
-    versions = ("qdiff_version", "onnx_version", "onnxruntime_version", "numpy_version", "python_version")
-    return {
-        **{k: run[k] for k in versions},
-        "session": options.to_dict(),
-        **{k: run[k] for k in ("float_model", "quant_model", "data", "random_inputs", "data_sha256", "samples")},
-        "runs": source.batches,
-        "batch_size": batch_size,
-        "seed": run["seed"],
-        "metrics": {"kl_bins": metrics.KL_BINS, "sqnr_cap_db": metrics.SQNR_CAP_DB},
-        "tapped_vs_deployed_max_abs": deployed_diff,
-        "notes": notes,
-        "pairs": len(matching.pairs),
-        "seconds": round(seconds, 3),
-        "inference_seconds": round(run_seconds, 3),
-    }
+    """compare's meta: :func:`~qdiff.result.measured_meta` with the deployed-model check and the inference time."""
+    run = RunInfo.collect(f, q, source, seed)
+    return measured_meta(
+        run, options.to_dict(), source.batches, batch_size, notes, len(matching.pairs), seconds,
+        deployed_check=deployed_diff, inference_seconds=run_seconds,
+    )  # fmt: skip

@@ -52,7 +52,7 @@ from qdiff.errors import EvalError, UsageError
 from qdiff.graph import Graph, ModelLike, layer_macs
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
 from qdiff.matching import match_models, no_weight_values
-from qdiff.result import COSINE_THRESHOLD, Result, RunInfo, _records
+from qdiff.result import COSINE_THRESHOLD, Result, RunInfo, _records, measured_meta
 from qdiff.shadow import build_shadow, keep_float, prune_unread, quantize_only
 from qdiff.structs import DequantParams, Region, TensorPair
 
@@ -479,22 +479,9 @@ def sensitivity(
 
 
 def _meta(f_loaded, q_loaded, options: SessionOptions, source, seed: int, batch_size: int, notes, seconds: float, matching):
-    """The common keys of :class:`~qdiff.result.RunInfo` with the session, runs and metric settings
-    (the keys compare's meta has, less the deployed-model check and the inference time)."""
-    run = RunInfo.collect(f_loaded, q_loaded, source, seed).to_meta()
-    versions = ("qdiff_version", "onnx_version", "onnxruntime_version", "numpy_version", "python_version")
-    return {
-        **{k: run[k] for k in versions},
-        "session": options.to_dict(),
-        **{k: run[k] for k in ("float_model", "quant_model", "data", "random_inputs", "data_sha256", "samples")},
-        "runs": source.batches,
-        "batch_size": batch_size,
-        "seed": run["seed"],
-        "metrics": {"kl_bins": metrics.KL_BINS, "sqnr_cap_db": metrics.SQNR_CAP_DB},
-        "notes": notes,
-        "pairs": len(matching.pairs),
-        "seconds": round(seconds, 3),
-    }
+    """:func:`~qdiff.result.measured_meta` of the isolated pass (no deployed-model check, no inference time)."""
+    run = RunInfo.collect(f_loaded, q_loaded, source, seed)
+    return measured_meta(run, options.to_dict(), source.batches, batch_size, notes, len(matching.pairs), seconds)
 
 
 def _computes(region: Region) -> bool:

@@ -40,7 +40,7 @@ import pandas as pd
 from qdiff._io import write_atomic
 from qdiff.structs import TensorPair
 
-__all__ = ["Result", "RunInfo", "ModelInfo", "Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
+__all__ = ["Result", "RunInfo", "ModelInfo", "measured_meta", "Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
 
 METRIC_COLUMNS = [
     "cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs",
@@ -192,6 +192,43 @@ class RunInfo:
             "samples": self.samples,
             "seed": self.seed,
         }
+
+
+def measured_meta(
+    run: RunInfo,
+    session: dict[str, Any],
+    runs: int,
+    batch_size: int,
+    notes: list[str],
+    pairs: int,
+    seconds: float,
+    *,
+    deployed_check: float | None | bool = False,
+    inference_seconds: float | None = None,
+) -> dict[str, Any]:
+    """The meta of a pass of the measuring engine (compare, sensitivity): the run record, the
+    session options, runs, metric settings and notes. ``deployed_check`` (compare only, ``False``
+    leaves the key out): the tapped model's largest final-output difference from the model as
+    deployed; ``inference_seconds`` (compare only): time inside onnxruntime."""
+    from qdiff.metrics import KL_BINS, SQNR_CAP_DB
+
+    common = run.to_meta()
+    versions = ("qdiff_version", "onnx_version", "onnxruntime_version", "numpy_version", "python_version")
+    meta: dict[str, Any] = {
+        **{k: common[k] for k in versions},
+        "session": session,
+        **{k: common[k] for k in ("float_model", "quant_model", "data", "random_inputs", "data_sha256", "samples")},
+        "runs": runs,
+        "batch_size": batch_size,
+        "seed": common["seed"],
+        "metrics": {"kl_bins": KL_BINS, "sqnr_cap_db": SQNR_CAP_DB},
+    }
+    if deployed_check is not False:
+        meta["tapped_vs_deployed_max_abs"] = deployed_check
+    meta.update({"notes": notes, "pairs": pairs, "seconds": round(seconds, 3)})
+    if inference_seconds is not None:
+        meta["inference_seconds"] = round(inference_seconds, 3)
+    return meta
 
 
 @dataclass
