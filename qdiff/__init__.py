@@ -36,7 +36,7 @@ _SOURCES: dict[str, str] = {
     # aligning
     "match": "qdiff._compare",
     "Alignment": "qdiff.result",
-    "load_tensor_map": "qdiff._compare",
+    "load_tensor_map": "qdiff.matching",
     # sensitivity
     "sensitivity": "qdiff._sensitivity",
     "SensitivityResult": "qdiff._sensitivity",
@@ -104,7 +104,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from qdiff._compare import compare, compare_quant_only, load_tensor_map, match
+    from qdiff._compare import compare, compare_quant_only, match
     from qdiff._diagnose import DiagnoseResult, Finding, diagnose
     from qdiff._fallback import FallbackResult, fallback
     from qdiff._profile import ProfileResult, profile
@@ -115,6 +115,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from qdiff.errors import DataError, ModelError, ModelMismatchError, ProviderError, QdiffError, UsageError
     from qdiff.graph import Graph, load_model
     from qdiff.inputs import InputSpec, input_specs, make_source
-    from qdiff.matching import match_models
+    from qdiff.matching import load_tensor_map, match_models
     from qdiff.result import Alignment, CompareResult, RunInfo
     from qdiff.structs import DequantParams, Matching, MatchMethod, TensorPair, Unmatched, WeightPair

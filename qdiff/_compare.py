@@ -13,8 +13,6 @@ the number of samples.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -29,14 +27,13 @@ from qdiff.engine import kernels as _kernels
 from qdiff.engine.engines import SetUp
 from qdiff.engine.loop import load_pair, measure_pair
 from qdiff.engine.options import EngineOptions
-from qdiff.engine.pipeline import weight_bytes
 from qdiff.engine.prefuse import prefuse_pays
 from qdiff.engine.sessions import SessionFactory, SessionOptions
 from qdiff.engine.sharding import measure_sharded
 from qdiff.errors import UsageError
 from qdiff.graph import Graph, LoadedModel, ModelLike, layer_macs, load_model
 from qdiff.inputs import DataLike, make_source, parse_input_shapes
-from qdiff.matching import match_models, no_weight_values
+from qdiff.matching import load_tensor_map, match_models, no_weight_values
 from qdiff.result import (
     ALIGNMENT_COLUMNS,
     LAYER_COLUMNS,
@@ -50,8 +47,7 @@ from qdiff.result import (
 )
 from qdiff.structs import Matching, TensorPair, WeightPair
 
-# load_pair and weight_bytes: importable from here as before
-__all__ = ["compare", "compare_quant_only", "match", "load_tensor_map", "load_pair", "weight_bytes"]
+__all__ = ["compare", "compare_quant_only", "match"]
 
 ProgressCallback = Callable[[int, "int | None"], None]
 
@@ -261,43 +257,6 @@ def compare_quant_only(quant_model: ModelLike, data: DataLike = None, **kwargs: 
     result.meta["float_model"] = {"name": f"{loaded.label} without activation Q/DQ", "path": None, "sha256": None}
     result.meta["quant_model"] = {"name": loaded.label, "path": str(loaded.path) if loaded.path else None, "sha256": loaded.sha256}
     return result
-
-
-def load_tensor_map(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read a float-tensor -> quantized-tensor map.
-
-    Accepted: a JSON object ``{"float": "quant"}``; a JSON list of records, or ``{"pairs": [...]}``
-    as ``qdiff match -o`` writes, with ``float_tensor`` and ``quant_tensor`` keys; a CSV with those
-    two columns.
-
-    Raises:
-        UsageError: the file is missing or not in one of those forms.
-    """
-    from qdiff.errors import UsageError
-
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise UsageError(f"--map file '{p}' does not exist")
-    try:
-        if p.lower().endswith(".csv"):
-            with open(p, newline="", encoding="utf-8") as fh:
-                rows = list(csv.DictReader(fh))
-        else:
-            with open(p, encoding="utf-8") as fh:
-                doc = json.load(fh)
-            if isinstance(doc, dict) and "pairs" in doc:
-                rows = doc["pairs"]
-            elif isinstance(doc, dict):
-                return {str(k): str(v) for k, v in doc.items()}
-            else:
-                rows = doc
-        mapping = {str(r["float_tensor"]): str(r["quant_tensor"]) for r in rows}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(
-            f"--map file '{p}' is not a tensor map ({type(exc).__name__}: {exc}); give JSON {{\"float\": \"quant\"}} "
-            "or a CSV with columns float_tensor,quant_tensor"
-        ) from None
-    return mapping
 
 
 def _identity_warnings(weights: pd.DataFrame, layers: pd.DataFrame) -> list[str]:

@@ -258,7 +258,7 @@ def sensitivity(
     if prefuse_pays(first_source.count, layer_macs(fg), engine_options):
         q_optimized = pipeline.in_background(optimized_model, q_loaded.proto, session_factory, engine_options)
     if isinstance(tensor_map, (str, os.PathLike)):
-        from qdiff._compare import load_tensor_map
+        from qdiff.matching import load_tensor_map
 
         tensor_map = load_tensor_map(tensor_map)
     matching = match_models(fg, qg, tensor_map, weigh=no_weight_values)  # weight values: not needed here

@@ -100,7 +100,7 @@ def layer_values(
     specs = input_specs(fg)
     check_same_inputs(specs, input_specs(qg), f_loaded.label, q_loaded.label)
     if isinstance(tensor_map, str):
-        from qdiff._compare import load_tensor_map
+        from qdiff.matching import load_tensor_map
 
         tensor_map = load_tensor_map(tensor_map)
     from qdiff.matching import match_models, no_weight_values

@@ -39,8 +39,11 @@ dequantized by the runner), else the float tensor itself.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -65,7 +68,7 @@ from qdiff.structs import (
     WeightPair,
 )
 
-__all__ = ["match_models", "no_weight_values", "QOP_SPECS"]
+__all__ = ["match_models", "no_weight_values", "load_tensor_map", "QOP_SPECS"]
 
 log = logging.getLogger(__name__)
 
@@ -1301,3 +1304,36 @@ def _granularity(p: DequantParams, axis: int) -> str:
     return f"per-channel (axis {axis})" if p.per_channel else "per-tensor"
 
 
+def load_tensor_map(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a float-tensor -> quantized-tensor map.
+
+    Accepted: a JSON object ``{"float": "quant"}``; a JSON list of records, or ``{"pairs": [...]}``
+    as ``qdiff match -o`` writes, with ``float_tensor`` and ``quant_tensor`` keys; a CSV with those
+    two columns.
+
+    Raises:
+        UsageError: the file is missing or not in one of those forms.
+    """
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise UsageError(f"--map file '{p}' does not exist")
+    try:
+        if p.lower().endswith(".csv"):
+            with open(p, newline="", encoding="utf-8") as fh:
+                rows = list(csv.DictReader(fh))
+        else:
+            with open(p, encoding="utf-8") as fh:
+                doc = json.load(fh)
+            if isinstance(doc, dict) and "pairs" in doc:
+                rows = doc["pairs"]
+            elif isinstance(doc, dict):
+                return {str(k): str(v) for k, v in doc.items()}
+            else:
+                rows = doc
+        mapping = {str(r["float_tensor"]): str(r["quant_tensor"]) for r in rows}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"--map file '{p}' is not a tensor map ({type(exc).__name__}: {exc}); give JSON {{\"float\": \"quant\"}} "
+            "or a CSV with columns float_tensor,quant_tensor"
+        ) from None
+    return mapping
