@@ -28,7 +28,7 @@ test: $(STAMP)
 MIN_VENV ?= .venv-min
 MIN_PINS := "numpy==1.24.4" "onnx==1.16.0" "onnxruntime[quantization]==1.28.0" "pandas==2.0.3" \
 	"matplotlib==3.7.0" "rich==13.0.0"
-MIN_TESTS := tests/test_api.py tests/test_compare.py tests/test_diagnose.py tests/test_profile.py \
+MIN_TESTS := tests/test_api.py tests/test_compare.py tests/test_diagnose.py tests/test_profile.py tests/test_ops.py \
 	tests/test_config_quantize.py tests/test_kernels.py tests/test_sensitivity.py tests/test_fallback_real.py
 
 $(MIN_VENV)/.installed: pyproject.toml Makefile
