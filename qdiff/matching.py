@@ -536,6 +536,8 @@ class _Matcher:
         self.fs, self.qs = fs, qs
         self.user_map = user_map
         self.skipped: list[Unmatched] = []
+        #: quantized tensors standing for a float tensor through a layout op only the quantized model has
+        self.through_layout: set[str] = set()
         self.skipped_f: set[int] = set()
         self._pair_source: dict[tuple[str, str], tuple[_SNode, list[_SNode]]] = {}
         self.q2f: dict[str, str] = {}  # quant root -> float root
@@ -640,9 +642,13 @@ class _Matcher:
                     )
                 )
                 return
-            if q.op in LAYOUT and len(mapped) == 1 and len(q.outputs) == 1 and not loose:
-                # a transpose/reshape only the quantized model has: match its consumers through it
+            if q.op in LAYOUT and len(mapped) == 1 and mapped[0][0] == 0 and len(q.outputs) == 1:
+                # a transpose/reshape only the quantized model has: match its consumers through it.
+                # Its shape may be computed (Shape -> Reshape, as onnx's version converter wraps an
+                # opset-12 Softmax in Flatten/Softmax/Reshape when it raises the opset to 13): such
+                # integer inputs have no float twin and do not stop the data input from mapping.
                 self.q2f[q.outputs[0]] = mapped[0][1]
+                self.through_layout.add(q.outputs[0])
                 self.skipped.append(
                     Unmatched(
                         q.name,
@@ -746,6 +752,10 @@ class _Matcher:
             fshape = self.fs.g.shape(f_end.outputs[k])
             qshape = self.qs.g.shape(self.qs.best_member(qr)) or self.qs.g.shape(qr)
             if fshape is None or qshape is None:
+                continue
+            if any(r in self.through_layout for _, r in q.act) and _same_size(fshape, qshape):
+                # reads a tensor reshaped by a layout op only the quantized model has (Flatten ->
+                # Softmax -> Reshape): the same values in the same order, in another shape
                 continue
             if len(fshape) != len(qshape) or any(
                 isinstance(a, int) and isinstance(b, int) and a > 0 and b > 0 and a != b for a, b in zip(fshape, qshape)
@@ -1191,6 +1201,14 @@ def _subgraph_nodes(g: onnx.GraphProto, prefix: str) -> list[tuple[str, str]]:
             for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
                 out += _subgraph_nodes(sub, f"{label}/{a.name}")
     return out
+
+
+def _same_size(a: list, b: list) -> bool:
+    """Do two shapes (ints, symbolic names) certainly hold as many elements?"""
+    if any(not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0) for d in [*a, *b]):
+        return False
+    size = [int(np.prod([d for d in s if isinstance(d, int)])) for s in (a, b)]
+    return size[0] == size[1] and sorted(d for d in a if isinstance(d, str)) == sorted(d for d in b if isinstance(d, str))
 
 
 def _channel_axis(node: onnx.NodeProto, pos: int, ndim: int) -> int | None:

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qdiff import fallback, init_config, quantize, sensitivity
+from qdiff import compare, fallback, init_config, match, quantize, sensitivity
 from qdiff.cli import main
 from qdiff.units import fallback_units
 
@@ -357,3 +357,39 @@ def test_fallback_result_is_a_result_with_strict_json(tmp_path):
     with open(tmp_path / "out.txt", "w") as fh:
         Console(file=fh, width=120).print(r)
     assert "qdiff fallback history" in (tmp_path / "out.txt").read_text()
+
+
+def test_compare_matches_through_the_softmax_wrapper_of_the_opset_converter(tmp_path):
+    """Raising an opset-12 model to 13 wraps a Softmax that is not over the last axis (or whose
+    rank is unknown, as in PP-OCRv4 rec's attention) in Flatten -> Softmax -> Reshape(x, Shape(x)).
+    The quantized model then has a Reshape with a computed shape that the float model lacks: it is
+    matched through, and every layer after the attention is still paired (on PP-OCRv4 rec, 101
+    float nodes went unmatched behind that one Reshape)."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        _const("w1", rng.normal(0, 0.4, (6, 6))), _const("w2", rng.normal(0, 0.4, (6, 5))),
+        helper.make_node("MatMul", ["x", "w1"], ["a"], name="p2o.MatMul.0"),
+        helper.make_node("Softmax", ["a"], ["p"], name="p2o.Softmax.0", axis=1),
+        helper.make_node("MatMul", ["p", "w2"], ["y"], name="p2o.MatMul.1"),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "softmax_axis1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 7
+    f = tmp_path / "f.onnx"
+    onnx.save(model, str(f))
+    np.savez(tmp_path / "calib.npz", x=rng.normal(0, 1, (8, 4, 6)).astype(np.float32))
+    quantize(f, init_config(f), tmp_path / "calib.npz", tmp_path / "q.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert {"Shape", "Flatten", "Reshape"} <= set(ops)  # the converter's wrapper (else this tests nothing)
+    r = compare(f, tmp_path / "q.onnx", data=tmp_path / "calib.npz", samples=4)
+    assert r.unmatched.empty, r.unmatched.to_string()
+    layers = r.layers.set_index("layer")
+    assert {"p2o.MatMul.0", "p2o.Softmax.0", "p2o.MatMul.1"} <= set(layers.index)
+    assert (layers.loc[["p2o.Softmax.0", "p2o.MatMul.1"], "cosine"] > 0.99).all()  # measured, [N,24] against [N,4,6]
+    assert r.outputs["cosine"].iloc[0] > 0.99
+    skipped = {s.name: s.reason for s in match(f, tmp_path / "q.onnx").skipped.itertuples()}
+    assert any("layout op absent from the float model" in why for why in skipped.values())
