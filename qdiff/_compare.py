@@ -91,10 +91,11 @@ def compare(
         progress: called as ``progress(batches_done, total_or_None)`` after each batch.
         tensor_map: float tensor -> quantized tensor pairs overriding or completing the matching,
             or the path of a JSON/CSV file holding them (see :func:`load_tensor_map`).
-        engine: ``fused`` reduces every tensor inside onnxruntime (both models merged into one
-            graph with the metric reductions, :mod:`qdiff.engine.fused`); ``numpy`` copies the tapped
-            tensors out and reduces them in numpy; ``auto`` (default) uses fused where the
-            models can be merged and falls back to numpy otherwise, saying why in ``meta.notes``.
+        engine: ``numpy`` (default) copies the tapped tensors out and reduces them in the
+            compiled kernels (numpy without them); ``fused`` reduces every tensor inside
+            onnxruntime (both models merged into one graph with the metric reductions,
+            :mod:`qdiff.engine.fused`); ``auto`` uses fused where the models can be merged and
+            falls back to numpy otherwise, saying why in ``meta.notes``.
         workers: processes the samples are sharded across (each runs every k-th sample with
             its own sessions and ``cores / workers`` threads); the metric accumulators merge
             exactly, so the result equals the single-process one. Needs ``data`` as a path, a
