@@ -61,7 +61,7 @@ from qdiff.engine.sessions import SessionFactory, SessionOptions, default_sessio
 from qdiff.errors import ModelError, QdiffError, UsageError
 from qdiff.graph import Graph, ModelLike, load_model
 from qdiff.inputs import DataLike, input_specs, make_source
-from qdiff.result import Result, _json_value, _records
+from qdiff.result import Result, _json_value, _records, json_safe
 from qdiff.units import Unit, fallback_units
 
 __all__ = ["fallback", "FallbackResult", "Target", "parse_target", "HISTORY_COLUMNS"]
@@ -165,19 +165,10 @@ class FallbackResult(Result):
             "config": self.config.to_dict() if self.config is not None else None,
             "model_path": str(self.model_path) if self.model_path is not None else None,
             "history": _records(self.history),
-            "baseline": _json_safe(self.baseline),
+            "baseline": json_safe(self.baseline),
             "units": int(self.units),
             "tried": list(self.tried),
         }
-
-
-def _json_safe(v: Any) -> Any:
-    """``v`` with NaN as None and numpy scalars as Python numbers, through dicts and lists."""
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return _json_value(v)
 
 
 class _Runtime:

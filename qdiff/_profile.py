@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from qdiff._diagnose.context import _Layers
-from qdiff._diagnose.findings import Finding, json_safe
+from qdiff._diagnose.findings import Finding
 from qdiff.engine.sessions import (
     Session, SessionFactory, SessionOptions, default_session_factory, feed_for, open_session, resolve_provider,
 )
@@ -51,7 +51,7 @@ from qdiff.graph import Graph, LoadedModel, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, make_source, parse_input_shapes
 from qdiff.matching import _base_name, _Skeleton, match_models, no_weight_values
 from qdiff.ops import CONVERSION, RUNTIME_LAYOUT
-from qdiff.result import Result, RunInfo, _records
+from qdiff.result import Result, RunInfo, _records, json_safe
 
 __all__ = ["ProfileResult", "profile", "LAYER_COLUMNS", "parse_trace", "NodeTime"]
 

@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pandas as pd
 
 from qdiff._io import write_atomic
 from qdiff.structs import TensorPair
 
-__all__ = ["Result", "RunInfo", "ModelInfo", "measured_meta", "Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
+__all__ = ["Result", "RunInfo", "ModelInfo", "measured_meta", "json_safe", "Alignment", "ALIGNMENT_COLUMNS", "CompareResult", "LAYER_COLUMNS", "OUTPUT_COLUMNS", "WEIGHT_COLUMNS", "UNMATCHED_COLUMNS", "write_atomic"]
 
 METRIC_COLUMNS = [
     "cosine", "cosine_worst", "mse", "mse_worst", "mae", "mae_worst", "max_abs",
@@ -362,6 +363,24 @@ def _json_value(v: Any) -> Any:
             return str(v)
     if v is pd.NA or v is pd.NaT:
         return None
+    return v
+
+
+def json_safe(v: Any) -> Any:
+    """Replace NaN/inf floats (not allowed in strict JSON) by None / strings, recursively."""
+    if isinstance(v, dict):
+        return {str(k): json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return None
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
     return v
 
 

@@ -98,15 +98,15 @@ def test_compare_is_the_same_with_any_number_of_workers(quant):
 
 
 def test_big_models_run_on_one_worker_with_every_core(monkeypatch):
-    """Weights of ONE_WORKER_BYTES or more: one worker whose sessions take every core (each worker
+    """Weights of EngineOptions.one_worker_bytes or more: one worker whose sessions take every core (each worker
     holds its own transient tensors, and big operators use onnxruntime's threads well); the same
     table as the worker pipeline's."""
     args = (SAMPLES / "digits_cnn.float.onnx", SAMPLES / "digits_cnn.qdq_per_channel.onnx")
     kw = dict(data=SAMPLES / "digits_test.npz", samples=100)
     cores = pipeline.available_cpus()
-    assert pipeline.workers(cores, pipeline.ONE_WORKER_BYTES) == 1
-    assert pipeline.session_threads(cores, pipeline.ONE_WORKER_BYTES) == cores
-    assert pipeline.workers(cores, pipeline.ONE_WORKER_BYTES - 1) == min(cores, pipeline.MAX_WORKERS)
+    assert pipeline.workers(cores, EngineOptions().one_worker_bytes) == 1
+    assert pipeline.session_threads(cores, EngineOptions().one_worker_bytes) == cores
+    assert pipeline.workers(cores, EngineOptions().one_worker_bytes - 1) == min(cores, EngineOptions().max_workers)
     monkeypatch.setattr(pipeline, "available_cpus", lambda: 2)
     small = qdiff.compare(*args, **kw)
     weights = sum(p.stat().st_size for p in args)  # more than the initializers: the files

@@ -40,7 +40,7 @@ from qdiff._diagnose.context import DiagnoseContext, _Layers, _model_size, model
 from qdiff._diagnose.conversions import check_conversions
 from qdiff._diagnose.coverage import check_coverage
 from qdiff._diagnose.findings import (
-    FINDING_COLUMNS, SEVERITIES, THRESHOLDS, CannotRun, Check, CheckOutput, Finding, json_safe,
+    FINDING_COLUMNS, SEVERITIES, THRESHOLDS, CannotRun, Check, CheckOutput, Finding,
 )
 from qdiff._diagnose.fp16 import check_fp16
 from qdiff._diagnose.per_channel import check_per_channel
@@ -51,7 +51,7 @@ from qdiff.errors import UsageError
 from qdiff.graph import Graph, ModelLike, load_model
 from qdiff.inputs import DataLike, check_same_inputs, input_specs, parse_input_shapes
 from qdiff.matching import _Skeleton, match_models, no_weight_values
-from qdiff.result import Result, RunInfo, _records
+from qdiff.result import Result, RunInfo, _records, json_safe
 
 __all__ = [
     "Finding",

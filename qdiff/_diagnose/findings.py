@@ -7,19 +7,16 @@ model or reads a graph.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
     from qdiff._diagnose.context import DiagnoseContext
 
-__all__ = ["Finding", "FINDING_COLUMNS", "Check", "CheckOutput", "CannotRun", "SEVERITIES", "THRESHOLDS", "json_safe"]
+__all__ = ["Finding", "FINDING_COLUMNS", "Check", "CheckOutput", "CannotRun", "SEVERITIES", "THRESHOLDS"]
 
 #: severities, most severe first
 SEVERITIES = ("error", "warning", "info")
@@ -117,21 +114,3 @@ class Check:
 
 class CannotRun(Exception):
     """Raised inside a check when it cannot run; the message becomes an ``info`` finding."""
-
-
-def json_safe(v: Any) -> Any:
-    """Replace NaN/inf floats (not allowed in strict JSON) by None / strings, recursively."""
-    if isinstance(v, dict):
-        return {str(k): json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [json_safe(x) for x in v]
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, (np.generic,)):
-        v = v.item()
-    if isinstance(v, float):
-        if math.isnan(v):
-            return None
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-    return v

@@ -13,7 +13,7 @@ onnxruntime sessions take concurrent ``run`` calls), then reduce it with single-
 into the worker's own accumulators. Accumulators merge exactly, so the result does not depend on
 which worker took which group (the same property that makes ``--workers`` shards exact).
 
-Models whose weights together reach :data:`ONE_WORKER_BYTES` run on one worker whose sessions
+Models whose weights together reach ``EngineOptions.one_worker_bytes`` run on one worker whose sessions
 use every core: their operators are big enough for onnxruntime's own threads, and every worker
 holds its own transient tensors (the dequantized weights and the taps of each run), so one
 worker is as quick and needs less memory.
@@ -32,11 +32,7 @@ from qdiff.engine.sessions import available_cpus
 
 _DEFAULTS = EngineOptions()
 
-__all__ = ["MAX_WORKERS", "for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "weight_bytes", "workers"]
-
-#: the defaults of :class:`~qdiff.engine.options.EngineOptions` ``max_workers`` / ``one_worker_bytes``
-MAX_WORKERS = EngineOptions.max_workers
-ONE_WORKER_BYTES = EngineOptions.one_worker_bytes
+__all__ = ["for_each", "in_background", "release_free_memory", "run_groups", "session_threads", "weight_bytes", "workers"]
 
 S = TypeVar("S")
 
